@@ -1,0 +1,283 @@
+"""The KV block pool as pure functions over :class:`~fnllm.state.BlockPool`.
+
+A block is either referenced (``ref[b] > 0``) or free. Free blocks that hold
+no cached content sit in ``free_stack`` or in the never-used range
+``[fresh, num_blocks)`` and are handed out first; free blocks that still hold
+a cached full block stay addressable by hash in LRU order and are evicted
+(their hash forgotten) only when nothing else is left. Full blocks are named
+by a chained SHA-256 of (parent hash, token ids, extra keys).
+
+:class:`PoolEdit` is a transient: a private, mutable working copy that a
+pure function opens, edits and freezes with :meth:`PoolEdit.finish`, so a
+step's many small changes cost O(changes) and never copy pool-sized
+structures. The module-level functions are pure wrappers over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from typing import Iterable, Sequence
+
+from fnllm.state import BlockPool, Cons, InvariantError
+
+NO_BLOCK = -1
+_ROOT = bytes(32)
+
+
+def hash_block(parent: bytes | None, tokens: Sequence[int], extra: tuple = ()) -> bytes:
+    """Chained, collision-resistant name of a full block's content."""
+    h = hashlib.sha256(parent or _ROOT)
+    h.update(len(tokens).to_bytes(4, "little"))
+    h.update(array("q", tokens).tobytes())
+    if extra:
+        h.update(repr(extra).encode())
+    return h.digest()
+
+
+def chain_hashes(
+    tokens: Sequence[int], block_size: int, extra: tuple = (), parents: tuple[bytes, ...] = (), limit: int | None = None
+) -> tuple[bytes, ...]:
+    """Hashes of the full blocks of ``tokens``, extending the chain ``parents``
+    (hashes of the first ``len(parents)`` blocks), up to ``limit`` blocks."""
+    n_full = len(tokens) // block_size if limit is None else min(limit, len(tokens) // block_size)
+    out = list(parents)
+    for j in range(len(parents), n_full):
+        out.append(hash_block(out[-1] if out else None, tokens[j * block_size : (j + 1) * block_size], extra))
+    return tuple(out)
+
+
+def new_pool(num_blocks: int, block_size: int) -> BlockPool:
+    return BlockPool(num_blocks=num_blocks, block_size=block_size)
+
+
+class PoolEdit:
+    """Mutable working copy of a pool, private to one pure function call."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.ref = pool.ref.mutate()
+        self.stack: Cons = pool.free_stack
+        self.num_stack = pool.num_stack
+        self.fresh = pool.fresh
+        self.head, self.tail, self.num_lru = pool.lru_head, pool.lru_tail, pool.num_lru
+        self.nxt = pool.lru_next.mutate()
+        self.prv = pool.lru_prev.mutate()
+        self.hash_of = pool.hash_of.mutate()
+        self.by_hash = pool.by_hash.mutate()
+        self.content = pool.content.mutate()
+
+    @property
+    def num_free(self) -> int:
+        return self.num_stack + (self.pool.num_blocks - self.fresh) + self.num_lru
+
+    # -- LRU list of cached free blocks ----------------------------------------
+    def _lru_append(self, b: int) -> None:
+        if self.tail != NO_BLOCK:
+            self.nxt[self.tail] = b
+            self.prv[b] = self.tail
+        else:
+            self.head = b
+        self.tail = b
+        self.num_lru += 1
+
+    def _lru_remove(self, b: int) -> None:
+        p = self.prv.get(b, NO_BLOCK)
+        n = self.nxt.get(b, NO_BLOCK)
+        if p != NO_BLOCK:
+            del self.prv[b]
+            if n != NO_BLOCK:
+                self.nxt[p] = n
+            else:
+                del self.nxt[p]
+        else:
+            self.head = n
+        if n != NO_BLOCK:
+            del self.nxt[b]
+            if p != NO_BLOCK:
+                self.prv[n] = p
+            else:
+                del self.prv[n]
+        else:
+            self.tail = p
+        self.num_lru -= 1
+
+    def _forget(self, b: int) -> None:
+        h = self.hash_of.get(b)
+        if h is not None:
+            del self.hash_of[b]
+            del self.by_hash[h]
+            del self.content[b]
+
+    # -- allocation ---------------------------------------------------------------
+    def _take(self) -> int:
+        if self.stack is not None:
+            b, self.stack = self.stack
+            self.num_stack -= 1
+        elif self.fresh < self.pool.num_blocks:
+            b = self.fresh
+            self.fresh += 1
+        else:
+            b = self.head
+            self._lru_remove(b)
+            self._forget(b)
+        self.ref[b] = 1
+        return b
+
+    def allocate(self, n: int) -> list[int] | None:
+        """``n`` fresh blocks with reference count 1, or None (nothing changed)."""
+        if n > self.num_free:
+            return None
+        return [self._take() for _ in range(n)]
+
+    def incref(self, b: int) -> None:
+        r = self.ref.get(b, 0)
+        if r == 0:
+            if b not in self.hash_of:
+                raise InvariantError(f"incref of free uncached block {b}")
+            self._lru_remove(b)
+        self.ref[b] = r + 1
+
+    def decref(self, b: int) -> None:
+        r = self.ref.get(b, 0)
+        if r <= 0:
+            raise InvariantError(f"invariant 1: free of block {b} that is not referenced")
+        if r > 1:
+            self.ref[b] = r - 1
+            return
+        del self.ref[b]
+        if b in self.hash_of:
+            self._lru_append(b)
+        else:
+            self.stack = (b, self.stack)
+            self.num_stack += 1
+
+    def free_table(self, table: Iterable[int]) -> None:
+        """Release a sequence's blocks, last block first, so its tail is evicted first."""
+        for b in reversed(tuple(table)):
+            self.decref(b)
+
+    # -- prefix cache -------------------------------------------------------------
+    def lookup(self, hashes: Iterable[bytes]) -> list[int]:
+        """Blocks of the longest cached prefix of the hash chain ``hashes``."""
+        out = []
+        by_hash = self.by_hash
+        for h in hashes:
+            b = by_hash.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def cache(self, b: int, h: bytes, content: tuple) -> bool:
+        """Name full block ``b`` by ``h``; False when ``h`` or ``b`` is already named."""
+        if h in self.by_hash or b in self.hash_of:
+            return False
+        self.hash_of[b] = h
+        self.by_hash[h] = b
+        self.content[b] = content
+        return True
+
+    def writable(self, table: list[int], j: int, copies: list[tuple[int, int]]) -> bool:
+        """Make ``table[j]`` private (copy-on-write); False when no block is free."""
+        b = table[j]
+        if self.ref[b] == 1:
+            return True
+        dst = self.allocate(1)
+        if dst is None:
+            return False
+        self.decref(b)
+        table[j] = dst[0]
+        copies.append((b, dst[0]))
+        return True
+
+    def finish(self) -> BlockPool:
+        return BlockPool(
+            num_blocks=self.pool.num_blocks,
+            block_size=self.pool.block_size,
+            ref=self.ref.finish(),
+            free_stack=self.stack,
+            num_stack=self.num_stack,
+            fresh=self.fresh,
+            lru_head=self.head,
+            lru_tail=self.tail,
+            lru_next=self.nxt.finish(),
+            lru_prev=self.prv.finish(),
+            num_lru=self.num_lru,
+            hash_of=self.hash_of.finish(),
+            by_hash=self.by_hash.finish(),
+            content=self.content.finish(),
+        )
+
+
+# -- pure wrappers ------------------------------------------------------------------
+
+
+def allocate(pool: BlockPool, n: int) -> tuple[BlockPool, tuple[int, ...]] | None:
+    """``n`` new blocks (reference count 1), or None with the pool unchanged."""
+    e = PoolEdit(pool)
+    got = e.allocate(n)
+    return None if got is None else (e.finish(), tuple(got))
+
+
+def free(pool: BlockPool, table: Iterable[int]) -> BlockPool:
+    e = PoolEdit(pool)
+    e.free_table(table)
+    return e.finish()
+
+
+def fork(pool: BlockPool, table: Iterable[int]) -> BlockPool:
+    """A child sequence shares every block of ``table`` (one more reference each)."""
+    e = PoolEdit(pool)
+    for b in table:
+        e.incref(b)
+    return e.finish()
+
+
+def make_writable(
+    pool: BlockPool, table: tuple[int, ...], j: int
+) -> tuple[BlockPool, tuple[int, ...], tuple[tuple[int, int], ...]] | None:
+    """Copy-on-write of block ``j`` of ``table``: the new pool, table and copies, or None."""
+    e = PoolEdit(pool)
+    t, copies = list(table), []
+    if not e.writable(t, j, copies):
+        return None
+    return e.finish(), tuple(t), tuple(copies)
+
+
+def lookup_prefix(pool: BlockPool, hashes: Iterable[bytes]) -> tuple[int, ...]:
+    out = []
+    for h in hashes:
+        b = pool.by_hash.get(h)
+        if b is None:
+            break
+        out.append(b)
+    return tuple(out)
+
+
+def acquire(pool: BlockPool, blocks: Iterable[int]) -> BlockPool:
+    """Take a reference on cached blocks found by :func:`lookup_prefix`."""
+    return fork(pool, blocks)
+
+
+def cache_blocks(pool: BlockPool, items: Iterable[tuple[int, bytes, tuple]]) -> BlockPool:
+    """Register full blocks ``(block, hash, (parent, tokens, extra))`` in the prefix cache."""
+    e = PoolEdit(pool)
+    for b, h, content in items:
+        e.cache(b, h, content)
+    return e.finish()
+
+
+def free_blocks(pool: BlockPool) -> list[int]:
+    """Every free block id, in allocation order (for checks and display; O(pool))."""
+    out = []
+    cell = pool.free_stack
+    while cell is not None:
+        out.append(cell[0])
+        cell = cell[1]
+    out.extend(range(pool.fresh, pool.num_blocks))
+    b = pool.lru_head
+    while b != NO_BLOCK:
+        out.append(b)
+        b = pool.lru_next.get(b, NO_BLOCK)
+    return out

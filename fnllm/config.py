@@ -1,0 +1,108 @@
+"""Engine configuration: frozen, validated at construction.
+
+Every invalid value raises ``ValueError`` naming the field and the rule it
+breaks, so a config that cannot work never reaches the scheduler. Pure: no
+torch, no clock, no randomness.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+POLICIES = ("fcfs", "priority")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "npu")
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class CacheConfig:
+    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` tokens each."""
+
+    block_size: int = 16
+    num_blocks: int = 1024
+    enable_prefix_caching: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {bs!r}")
+        if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
+            raise ValueError(
+                f"num_blocks must be >= 1 (zero KV memory cannot serve any request), got {self.num_blocks!r}"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerConfig:
+    """Per-step budgets and admission policy (vLLM v1 scheduler semantics).
+
+    ``long_prefill_token_threshold`` caps the tokens one prefill may take in a
+    step (0 = no cap), so long prompts do not crowd out other admissions.
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    max_model_len: int = 2048
+    policy: str = "fcfs"
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_model_len", self.max_model_len)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        t = self.long_prefill_token_threshold
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ValueError(f"long_prefill_token_threshold must be an integer >= 0, got {t!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len when chunked prefill is off "
+                f"({self.max_num_batched_tokens} < {self.max_model_len}): a long prompt could never be scheduled"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """What the core needs to know of the model (vocabulary, stop ids) plus
+    what the device layer needs to build it (path, dtype, device, seed)."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    vocab_size: int = 32000
+    eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        _positive("vocab_size", self.vocab_size)
+        for t in self.eos_token_ids:
+            if not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"eos_token_ids entry {t!r} is outside the vocabulary [0, {self.vocab_size})")
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
+
+    def __attrs_post_init__(self) -> None:
+        if (
+            not self.scheduler.enable_chunked_prefill
+            and self.scheduler.max_num_batched_tokens < self.cache.block_size
+        ):
+            raise ValueError(
+                "max_num_batched_tokens must be >= block_size when chunked prefill is off "
+                f"({self.scheduler.max_num_batched_tokens} < {self.cache.block_size})"
+            )

@@ -1,0 +1,73 @@
+"""A deterministic stand-in device: no model, but a real paged "KV cache".
+
+``FakeExecutor`` keeps, per block, the token id written at each slot, the way
+a real executor keeps K/V. A row's context is read back through its block
+table, so a wrong table, a missed copy-on-write or a stale block gives a
+different context and a different token, exactly as it would on a device.
+The next token is a fixed function of the whole context (and, for sampled
+rows, of seed, sample index and output position), so with this executor
+tokens depend only on the sequence's prefix: any difference across block
+sizes, budgets or preemption is a scheduler bug. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from fnllm.state import BatchPlan, StepOutput
+
+
+class KVReadError(AssertionError):
+    """The plan made a row read KV that was never written."""
+
+
+def fake_next_token(context: tuple[int, ...], vocab_size: int, salt: tuple = ()) -> int:
+    h = hashlib.blake2b(array("q", context).tobytes() + repr(salt).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") % vocab_size
+
+
+class FakeExecutor:
+    """``execute(plan) -> StepOutput`` over an emulated paged KV cache.
+
+    ``eos_every``: a context whose length is a multiple of it yields
+    ``eos_token_id`` (when both are set), so stop handling gets exercised.
+    """
+
+    def __init__(
+        self, num_blocks: int, block_size: int, vocab_size: int = 97, eos_token_id: int | None = None, eos_every: int = 0
+    ) -> None:
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.eos_token_id, self.eos_every = eos_token_id, eos_every
+        self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.steps = 0
+
+    def _token(self, context: tuple[int, ...], sp, index: int, out_pos: int) -> int:
+        if self.eos_token_id is not None and self.eos_every and len(context) % self.eos_every == 0:
+            return self.eos_token_id
+        salt = () if sp.temperature == 0 else (sp.seed, index, out_pos)
+        return fake_next_token(context, self.vocab_size, salt)
+
+    def execute(self, plan: BatchPlan) -> StepOutput:
+        bs, kv = self.block_size, self.kv
+        for src, dst in plan.copies:
+            kv[dst] = list(kv[src])
+        # write every row's KV first, then read, like a real layer does
+        for toks, pos, table in zip(plan.token_ids, plan.positions, plan.block_tables):
+            for k, t in enumerate(toks):
+                p = pos + k
+                kv[table[p // bs]][p % bs] = t
+        sampled = []
+        for r, (toks, pos, table, n) in enumerate(zip(plan.token_ids, plan.positions, plan.block_tables, plan.num_samples)):
+            if n == 0:
+                sampled.append(())
+                continue
+            end = pos + len(toks)
+            context = tuple(kv[table[p // bs]][p % bs] for p in range(end))
+            if None in context:
+                raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) reads unwritten KV at {context.index(None)}")
+            sp, idx, opos = plan.sampling[r], plan.sample_index[r], plan.output_pos[r]
+            sampled.append(tuple(self._token(context, sp, idx + j, opos) for j in range(n)))
+        self.steps += 1
+        return StepOutput(sampled=tuple(sampled))

@@ -1,0 +1,179 @@
+"""DESIGN.md section 6 as code. Each check raises ``InvariantError`` naming
+the invariant (by number) and the blocks, sequences or requests involved.
+
+- :func:`check_pool`: invariants 1, 2, 5 for a pool and the tables holding it.
+- :func:`check_invariants`: 1-3, 5, 6 and 9 for a whole state.
+- :func:`check_plan`: 4, 7, 8 and 12 for a plan and the states around it.
+Properties over whole runs (10, 11, 13 and 12's "chunks concatenate to the
+prompt") are checked by the property tests with these as building blocks.
+O(pool): for tests and debugging, never the hot path.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from fnllm.blocks import NO_BLOCK, free_blocks, hash_block
+from fnllm.config import EngineConfig
+from fnllm.state import BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
+
+
+def _fail(n: int, msg: str) -> None:
+    raise InvariantError(f"invariant {n}: {msg}")
+
+
+def _check_lru(pool: BlockPool) -> None:
+    seen, prev, b = 0, NO_BLOCK, pool.lru_head
+    while b != NO_BLOCK:
+        if pool.lru_prev.get(b, NO_BLOCK) != prev:
+            _fail(1, f"LRU list broken at block {b}: prev {pool.lru_prev.get(b)} != {prev}")
+        prev, b = b, pool.lru_next.get(b, NO_BLOCK)
+        seen += 1
+        if seen > pool.num_blocks:
+            _fail(1, "LRU list has a cycle")
+    if prev != pool.lru_tail or seen != pool.num_lru:
+        _fail(1, f"LRU tail {pool.lru_tail} / count {pool.num_lru} disagree with the list ({prev}, {seen})")
+
+
+def check_pool(pool: BlockPool, tables: Iterable[tuple[int, ...]]) -> None:
+    """Invariants 1 (free xor referenced), 2 (refcounts) and 5 (cache content)."""
+    _check_lru(pool)
+    free = free_blocks(pool)
+    dup = [b for b, k in Counter(free).items() if k > 1]
+    if dup:
+        _fail(1, f"blocks {sorted(dup)[:10]} appear twice in the free list")
+    if len(free) != pool.num_free:
+        _fail(1, f"free count {pool.num_free} != {len(free)} free blocks")
+    both = set(free) & set(pool.ref.keys())
+    if both:
+        _fail(1, f"blocks {sorted(both)[:10]} are both free and referenced")
+    lost = set(range(pool.num_blocks)) - set(free) - set(pool.ref.keys())
+    if lost:
+        _fail(1, f"blocks {sorted(lost)[:10]} are neither free nor referenced (lost)")
+    holders = Counter(b for t in tables for b in t)
+    for b, r in pool.ref.items():
+        if r != holders.get(b, 0):
+            _fail(2, f"block {b} has reference count {r} but {holders.get(b, 0)} tables hold it")
+    extra = set(holders) - set(pool.ref.keys())
+    if extra:
+        _fail(2, f"blocks {sorted(extra)[:10]} are in tables but have reference count 0")
+    _check_cache(pool)
+
+
+def _check_cache(pool: BlockPool) -> None:
+    if len(pool.hash_of) != len(pool.by_hash) or len(pool.content) != len(pool.hash_of):
+        _fail(5, "hash maps disagree in size")
+    for b, h in pool.hash_of.items():
+        if pool.by_hash.get(h) != b:
+            _fail(5, f"block {b}'s hash does not map back to it")
+        parent, toks, extra = pool.content[b]
+        if len(toks) != pool.block_size:
+            _fail(5, f"cached block {b} is not full ({len(toks)} of {pool.block_size} tokens)")
+        if hash_block(parent, toks, extra) != h:
+            _fail(5, f"cached block {b}'s content does not give its hash")
+    for b in free_blocks(pool):
+        if b >= pool.fresh and b in pool.hash_of:
+            _fail(5, f"never-used block {b} is cached")
+
+
+def check_invariants(state: EngineState, config: EngineConfig) -> None:
+    """Every invariant that a single state must satisfy (1-3, 5, 6, 9)."""
+    run, pool, bs = state.running, state.pool, config.cache.block_size
+    check_pool(pool, run.tables)
+    n = len(run)
+    for name in ("request_ids", "indexes", "num_computed", "num_output", "outputs", "tables", "hashes"):
+        if len(getattr(run, name)) != n:
+            _fail(9, f"running column {name} has {len(getattr(run, name))} rows, expected {n}")
+    for i in range(n):
+        rid, nc, table = run.request_ids[i], run.num_computed[i], run.tables[i]
+        req = state.requests.get(rid)
+        if req is None:
+            _fail(9, f"running seq {run.seq_ids[i]} belongs to unknown request {rid!r}")
+        total = len(req.prompt_token_ids) + run.num_output[i]
+        if not 0 < nc <= total:
+            _fail(12, f"seq {run.seq_ids[i]} has num_computed {nc} outside (0, {total}]")
+        if len(table) != -(-nc // bs):
+            _fail(3, f"seq {run.seq_ids[i]} holds {len(table)} blocks for {nc} computed tokens (block size {bs})")
+        _check_cached_content(state, i, req)
+    _check_places(state)
+    if not state.requests and pool.num_free != pool.num_blocks:
+        _fail(6, f"no live request but {pool.num_blocks - pool.num_free} blocks are held: {sorted(pool.ref.keys())[:10]}")
+
+
+def _check_cached_content(state: EngineState, i: int, req) -> None:
+    """Invariant 5 from the sequence side: a cached block it holds has its tokens."""
+    run, pool, bs = state.running, state.pool, state.pool.block_size
+    for j, b in enumerate(run.tables[i][: run.num_computed[i] // bs]):
+        content = pool.content.get(b)
+        if content is None:
+            continue
+        toks = seq_tokens(req.prompt_token_ids, run.outputs[i], run.num_output[i], j * bs, (j + 1) * bs)
+        if tuple(content[1]) != toks:
+            _fail(5, f"seq {run.seq_ids[i]} block {j} (id {b}) is cached with other tokens")
+
+
+def _check_places(state: EngineState) -> None:
+    """Invariant 9: each sequence in one place; request bookkeeping agrees."""
+    run = state.running
+    ids = list(run.seq_ids) + [s.seq_id for s in state.waiting]
+    dup = [s for s, k in Counter(ids).items() if k > 1]
+    if dup:
+        _fail(9, f"sequences {dup[:10]} are in more than one place")
+    for s in state.waiting:
+        if s.status not in (SeqStatus.WAITING, SeqStatus.PREEMPTED):
+            _fail(9, f"waiting seq {s.seq_id} has status {s.status}")
+        if s.request_id not in state.requests:
+            _fail(9, f"waiting seq {s.seq_id} belongs to unknown request {s.request_id!r}")
+    per_req = Counter(list(run.request_ids) + [s.request_id for s in state.waiting])
+    if set(per_req) != set(state.requests.keys()):
+        _fail(9, f"requests without sequences: {sorted(set(state.requests.keys()) - set(per_req))[:10]}")
+    for rid, k in per_req.items():
+        if state.alive.get(rid) != k:
+            _fail(9, f"request {rid!r} has {k} live sequences but alive says {state.alive.get(rid)}")
+    pairs = Counter(list(zip(run.request_ids, run.indexes)) + [(s.request_id, s.index) for s in state.waiting])
+    twice = [p for p, k in pairs.items() if k > 1]
+    if twice:
+        _fail(9, f"(request, index) pairs {twice[:5]} appear twice")
+
+
+def check_plan(before: EngineState, after: EngineState, plan: BatchPlan, config: EngineConfig) -> None:
+    """Invariants 4, 7, 8 and 12 for ``(after, plan) = schedule(before)``."""
+    sc, bs = config.scheduler, config.cache.block_size
+    if plan.num_tokens > sc.max_num_batched_tokens:
+        _fail(7, f"plan schedules {plan.num_tokens} tokens > max_num_batched_tokens={sc.max_num_batched_tokens}")
+    if len(plan) > sc.max_num_seqs:
+        _fail(7, f"plan schedules {len(plan)} sequences > max_num_seqs={sc.max_num_seqs}")
+    if len(set(plan.seq_ids)) != len(plan):
+        _fail(7, "a sequence is scheduled twice")
+    row_of = {sid: i for i, sid in enumerate(after.running.seq_ids)}
+    prev = dict(zip(before.running.seq_ids, before.running.num_computed))
+    for r, sid in enumerate(plan.seq_ids):
+        toks, pos, table = plan.token_ids[r], plan.positions[r], plan.block_tables[r]
+        if not toks:
+            _fail(8, f"seq {sid} is scheduled with no tokens")
+        i = row_of.get(sid)
+        if i is None or after.running.tables[i] != table:
+            _fail(8, f"seq {sid}'s plan table differs from its state table")
+        if len(table) * bs < pos + len(toks):
+            _fail(8, f"seq {sid} computes up to position {pos + len(toks)} with only {len(table)} blocks")
+        for j in range(pos // bs, (pos + len(toks) - 1) // bs + 1):
+            if after.pool.ref.get(table[j], 0) != 1:
+                _fail(4, f"seq {sid} writes block {table[j]} whose reference count is {after.pool.ref.get(table[j], 0)}")
+        if sid in prev and pos != prev[sid]:
+            _fail(12, f"seq {sid} was at {prev[sid]} computed tokens but its row starts at {pos}")
+        if after.running.num_computed[i] != pos + len(toks):
+            _fail(12, f"seq {sid}'s counter {after.running.num_computed[i]} != {pos + len(toks)}")
+        req = after.requests[plan.request_ids[r]]
+        total = len(req.prompt_token_ids) + after.running.num_output[i]
+        want = seq_tokens(req.prompt_token_ids, after.running.outputs[i], after.running.num_output[i], pos, pos + len(toks))
+        if tuple(toks) != want or pos + len(toks) > total:
+            _fail(12, f"seq {sid}'s planned tokens are not its tokens {pos}..{pos + len(toks)}")
+    in_tables = {b for t in plan.block_tables for b in t}
+    for _, dst in plan.copies:
+        if dst not in in_tables:
+            _fail(4, f"copy target block {dst} is in no scheduled table")
+    planned = set(plan.seq_ids)
+    for sid, nc in zip(after.running.seq_ids, after.running.num_computed):
+        if sid not in planned and sid in prev and nc != prev[sid]:
+            _fail(12, f"unscheduled seq {sid}'s counter moved from {prev[sid]} to {nc}")

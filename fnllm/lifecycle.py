@@ -1,0 +1,145 @@
+"""Request lifecycle as pure functions: create, add, abort, finish.
+
+``add_request`` answers a request that can never be served with a
+:class:`~fnllm.state.Rejection` value naming the reason, and leaves the state
+as it was; every other function here returns a new state and never mutates
+its argument. Removing a sequence always returns all of its blocks.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from fnllm.blocks import PoolEdit, chain_hashes, new_pool
+from fnllm.config import EngineConfig
+from fnllm.state import COLUMNS, EngineState, Rejection, Request, Running, Seq
+
+
+def initial_state(config: EngineConfig) -> EngineState:
+    return EngineState(pool=new_pool(config.cache.num_blocks, config.cache.block_size))
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def waiting_key(req: Request, seq: Seq, policy: str) -> tuple:
+    """Admission order: FCFS by arrival, or priority (lower first) then arrival."""
+    if policy == "priority":
+        return (req.priority, req.arrival, seq.index)
+    return (req.arrival, seq.index)
+
+
+def insert_waiting(state_requests, waiting: tuple[Seq, ...], seqs: list[Seq], policy: str) -> tuple[Seq, ...]:
+    """``waiting`` with ``seqs`` placed in admission order (stable for equal keys)."""
+    if not seqs:
+        return waiting
+    merged = list(waiting) + seqs
+    merged.sort(key=lambda s: waiting_key(state_requests[s.request_id], s, policy))
+    return tuple(merged)
+
+
+def validate_request(state: EngineState, request: Request, config: EngineConfig) -> str | None:
+    """Why ``request`` can never be served, or None."""
+    prompt = request.prompt_token_ids
+    sp = request.sampling
+    sched, cache = config.scheduler, config.cache
+    if not isinstance(request.request_id, str) or not request.request_id:
+        return "request_id must be a non-empty string"
+    if request.request_id in state.requests:
+        return f"request_id {request.request_id!r} is already in use by a live request"
+    if not prompt:
+        return "prompt is empty"
+    vocab = config.model.vocab_size
+    bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        return f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+    total = len(prompt) + sp.max_tokens
+    if len(prompt) > sched.max_model_len:
+        return f"prompt has {len(prompt)} tokens, more than max_model_len={sched.max_model_len}"
+    if total > sched.max_model_len:
+        return (
+            f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) = {total} "
+            f"exceeds max_model_len={sched.max_model_len}"
+        )
+    need = blocks_for(total - 1, cache.block_size)
+    if need > cache.num_blocks:
+        return (
+            f"request needs {need} KV blocks of {cache.block_size} tokens, "
+            f"but the whole cache has {cache.num_blocks}: it could never be scheduled"
+        )
+    if sp.n > sched.max_num_seqs:
+        return f"n={sp.n} exceeds max_num_seqs={sched.max_num_seqs}"
+    if not sched.enable_chunked_prefill and len(prompt) > sched.max_num_batched_tokens:
+        return f"prompt has {len(prompt)} tokens, more than max_num_batched_tokens with chunked prefill off"
+    return None
+
+
+def add_request(state: EngineState, request: Request, config: EngineConfig) -> EngineState | Rejection:
+    """Queue ``request`` (its ``arrival`` is assigned here), or reject it."""
+    reason = validate_request(state, request, config)
+    if reason is not None:
+        return Rejection(request_id=str(request.request_id), reason=reason)
+    hashes = ()
+    if config.cache.enable_prefix_caching:
+        hashes = chain_hashes(request.prompt_token_ids, config.cache.block_size, request.extra_keys)
+    req = attrs.evolve(request, arrival=state.next_arrival, block_hashes=hashes)
+    seq = Seq(seq_id=state.next_seq_id, request_id=req.request_id, hashes=hashes)
+    requests = state.requests.set(req.request_id, req)
+    return attrs.evolve(
+        state,
+        requests=requests,
+        alive=state.alive.set(req.request_id, 1),
+        waiting=insert_waiting(requests, state.waiting, [seq], config.scheduler.policy),
+        next_seq_id=state.next_seq_id + 1,
+        next_arrival=state.next_arrival + 1,
+    )
+
+
+def _remove_rows(state: EngineState, keep: list[bool]) -> tuple[Running, list[tuple[int, ...]]]:
+    """Running without the rows where ``keep`` is False, and those rows' tables."""
+    run = state.running
+    dropped = [t for t, k in zip(run.tables, keep) if not k]
+    cols = {c: tuple(v for v, k in zip(getattr(run, c), keep) if k) for c in COLUMNS}
+    return Running(**cols), dropped
+
+
+def _drop(state: EngineState, request_id: str, index: int | None) -> EngineState:
+    """Remove the request's sequences (all, or the one with ``index``), freeing their blocks."""
+
+    def hit(rid: str, idx: int) -> bool:
+        return rid == request_id and (index is None or idx == index)
+
+    run = state.running
+    keep = [not hit(r, i) for r, i in zip(run.request_ids, run.indexes)]
+    waiting = tuple(s for s in state.waiting if not hit(s.request_id, s.index))
+    removed = keep.count(False) + len(state.waiting) - len(waiting)
+    if removed == 0:
+        return state
+    running, tables = _remove_rows(state, keep)
+    edit = PoolEdit(state.pool)
+    for t in tables:
+        edit.free_table(t)
+    left = state.alive[request_id] - removed
+    requests, alive = state.requests, state.alive
+    if left == 0:
+        requests, alive = requests.delete(request_id), alive.delete(request_id)
+    else:
+        alive = alive.set(request_id, left)
+    return attrs.evolve(
+        state, pool=edit.finish(), running=running, waiting=waiting, requests=requests, alive=alive
+    )
+
+
+def abort_request(state: EngineState, request_id: str) -> EngineState:
+    """Drop every sequence of ``request_id``; an unknown or finished id changes nothing."""
+    if request_id not in state.requests:
+        return state
+    return _drop(state, request_id, None)
+
+
+def finish_sequence(state: EngineState, request_id: str, index: int) -> EngineState:
+    """End one sequence of a request (e.g. a stop string the engine found in its text)."""
+    if request_id not in state.requests:
+        return state
+    return _drop(state, request_id, index)

