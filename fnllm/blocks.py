@@ -110,7 +110,8 @@ class PoolEdit:
             del self.content[b]
 
     # -- allocation ---------------------------------------------------------------
-    def _take(self) -> int:
+    def take(self) -> int:
+        """One block (reference count 1); the caller checks ``num_free`` first."""
         if self.stack is not None:
             b, self.stack = self.stack
             self.num_stack -= 1
@@ -128,7 +129,7 @@ class PoolEdit:
         """``n`` fresh blocks with reference count 1, or None (nothing changed)."""
         if n > self.num_free:
             return None
-        return [self._take() for _ in range(n)]
+        return [self.take() for _ in range(n)]
 
     def incref(self, b: int) -> None:
         r = self.ref.get(b, 0)

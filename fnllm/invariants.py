@@ -16,7 +16,7 @@ from typing import Iterable
 
 from fnllm.blocks import NO_BLOCK, free_blocks, hash_block
 from fnllm.config import EngineConfig
-from fnllm.state import BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
+from fnllm.state import COLUMNS, BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
 
 
 def _fail(n: int, msg: str) -> None:
@@ -82,7 +82,7 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
     run, pool, bs = state.running, state.pool, config.cache.block_size
     check_pool(pool, run.tables)
     n = len(run)
-    for name in ("request_ids", "indexes", "num_computed", "num_output", "outputs", "tables", "hashes"):
+    for name in COLUMNS:
         if len(getattr(run, name)) != n:
             _fail(9, f"running column {name} has {len(getattr(run, name))} rows, expected {n}")
     for i in range(n):
@@ -91,6 +91,8 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
         if req is None:
             _fail(9, f"running seq {run.seq_ids[i]} belongs to unknown request {rid!r}")
         total = len(req.prompt_token_ids) + run.num_output[i]
+        if run.num_tokens[i] != total or run.sampling[i] is not req.sampling:
+            _fail(9, f"seq {run.seq_ids[i]}'s cached columns disagree with its request")
         if not 0 < nc <= total:
             _fail(12, f"seq {run.seq_ids[i]} has num_computed {nc} outside (0, {total}]")
         if len(table) != -(-nc // bs):

@@ -14,7 +14,11 @@ output kept) and returns to the waiting queue in its original order.
 The returned state already counts the planned tokens as computed and holds
 their blocks; ``commit`` adds the sampled tokens. Every block a plan row
 writes into has reference count 1 (shared partial blocks are copied first,
-the copy listed in ``plan.copies``).
+the copy listed in ``plan.copies``). A plan with no rows says why in
+``idle_reason``.
+
+Hot path: a decode row (one token to compute, whose tail block is private)
+is planned inline without allocation unless it crosses a block boundary.
 """
 
 from __future__ import annotations
@@ -24,20 +28,20 @@ import attrs
 from fnllm.blocks import PoolEdit
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import insert_waiting
-from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, Seq, SeqStatus, seq_tokens
+from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
 
 
-class _Row:
-    """A plan row under construction (local to one schedule call)."""
-
-    __slots__ = ("tokens", "pos", "samples", "copies")
-
-    def __init__(self, tokens, pos, samples, copies):
-        self.tokens, self.pos, self.samples, self.copies = tokens, pos, samples, copies
+def _width(sp: SamplingParams, num_output: int) -> int:
+    """Sequences a row will occupy: ``n`` for a request that has yet to fork."""
+    return sp.n if num_output == 0 else 1
 
 
 class _Step:
-    """Local, mutable working copy of one scheduling step; frozen by ``finish``."""
+    """Local, mutable working copy of one scheduling step; frozen by ``finish``.
+
+    ``rows[i]`` is the plan row of running row ``i``: (tokens, position,
+    num_samples, copies), kept in increasing ``i``.
+    """
 
     def __init__(self, state: EngineState, config: EngineConfig) -> None:
         self.state, self.config = state, config
@@ -52,27 +56,21 @@ class _Step:
         run = state.running
         self.cols = {c: list(getattr(run, c)) for c in COLUMNS}
         self.live = [True] * len(run)
-        self.rows: dict[int, _Row] = {}  # running row index -> plan row
+        self.rows: dict[int, tuple] = {}
         self.preempted: list[Seq] = []
         self.idle_reason = ""
 
-    # -- helpers ------------------------------------------------------------------
-    def _num_tokens(self, i: int) -> int:
-        req = self.requests[self.cols["request_ids"][i]]
-        return len(req.prompt_token_ids) + self.cols["num_output"][i]
-
-    def _victim(self) -> int | None:
+    # -- preemption -----------------------------------------------------------------
+    def _victim(self) -> int:
         """Row to preempt: the latest running (FCFS) or lowest priority, then latest."""
         live = [i for i, ok in enumerate(self.live) if ok]
-        if not live:
-            return None
         if self.policy != "priority":
             return live[-1]
-        rids = self.cols["request_ids"]
+        rids, idx = self.cols["request_ids"], self.cols["indexes"]
 
         def key(i: int) -> tuple:
             r = self.requests[rids[i]]
-            return (r.priority, r.arrival, self.cols["indexes"][i], i)
+            return (r.priority, r.arrival, idx[i], i)
 
         return max(live, key=key)
 
@@ -80,7 +78,7 @@ class _Step:
         c = self.cols
         row = self.rows.pop(i, None)
         if row is not None:  # planned earlier this step: give its tokens back
-            self.budget += len(row.tokens)
+            self.budget += len(row[0])
         self.edit.free_table(c["tables"][i])
         self.live[i] = False
         self.preempted.append(
@@ -95,64 +93,64 @@ class _Step:
             )
         )
 
-    def _grow(self, table: list[int], nc: int, new: int, copies: list) -> bool:
-        """Blocks for tokens [nc, nc+new), copying a shared partial block first."""
-        edit, bs = self.edit, self.bs
-        if nc % bs and edit.ref[table[nc // bs]] > 1 and not edit.writable(table, nc // bs, copies):
-            return False
-        need = -(-(nc + new) // bs) - len(table)
-        if need > 0:
-            got = edit.allocate(need)
-            if got is None:
-                return False
-            table.extend(got)
-        return True
-
-    def _free_needed(self, table: tuple[int, ...], nc: int, new: int) -> int:
-        bs = self.bs
-        cow = 1 if nc % bs and self.edit.ref[table[nc // bs]] > 1 else 0
-        return cow + max(0, -(-(nc + new) // bs) - len(table))
-
-    @staticmethod
-    def _width(req: Request, num_output: int) -> int:
-        """Sequences a row will occupy: ``n`` for a request that has yet to fork."""
-        return req.sampling.n if num_output == 0 else 1
-
     # -- running sequences -----------------------------------------------------------
     def schedule_running(self) -> None:
-        c = self.cols
+        c, edit, bs, rows = self.cols, self.edit, self.bs, self.rows
+        ncs, nts, nouts, tables, outs = c["num_computed"], c["num_tokens"], c["num_output"], c["tables"], c["outputs"]
+        ref = edit.ref
         for i in range(len(self.live)):
             if self.budget <= 0:
                 break
             if not self.live[i]:
                 continue
-            nc = c["num_computed"][i]
-            new = min(self._num_tokens(i) - nc, self.cap, self.budget)
-            while self.live[i] and self.edit.num_free < self._free_needed(c["tables"][i], nc, new):
-                self._preempt(self._victim())
-            if not self.live[i]:
-                continue
-            t, copies = list(c["tables"][i]), []
-            if not self._grow(t, nc, new, copies):
-                raise AssertionError("allocation failed after making room")  # pragma: no cover
-            c["tables"][i] = tuple(t)
-            self._plan(i, nc, new, copies)
+            nc = ncs[i]
+            if nts[i] - nc == 1 and nouts[i]:  # decode
+                table = tables[i]
+                if nc % bs == 0:
+                    if edit.num_free:
+                        tables[i] = table + (edit.take(),)
+                        ncs[i] = nc + 1
+                        self.budget -= 1
+                        rows[i] = ((outs[i][0],), nc, 1, ())
+                        continue
+                elif ref[table[-1]] == 1:
+                    ncs[i] = nc + 1
+                    self.budget -= 1
+                    rows[i] = ((outs[i][0],), nc, 1, ())
+                    continue
+            self._schedule_row(i)
+
+    def _schedule_row(self, i: int) -> None:
+        """The general case: a prompt chunk, or a row that needs room or a copy."""
+        c = self.cols
+        nc = c["num_computed"][i]
+        new = min(c["num_tokens"][i] - nc, self.cap, self.budget)
+        while self.live[i] and self.edit.num_free < self._blocks_needed(c["tables"][i], nc, new):
+            self._preempt(self._victim())
+        if not self.live[i]:
+            return
+        table, copies = list(c["tables"][i]), []
+        bs = self.bs
+        if nc % bs and self.edit.ref[table[nc // bs]] > 1:
+            self.edit.writable(table, nc // bs, copies)
+        table.extend(self.edit.allocate(-(-(nc + new) // bs) - len(table)))
+        c["tables"][i] = tuple(table)
+        self._plan(i, nc, new, copies)
+
+    def _blocks_needed(self, table: tuple[int, ...], nc: int, new: int) -> int:
+        bs = self.bs
+        cow = 1 if nc % bs and self.edit.ref[table[nc // bs]] > 1 else 0
+        return cow + max(0, -(-(nc + new) // bs) - len(table))
 
     def _plan(self, i: int, nc: int, new: int, copies: list) -> None:
         c = self.cols
         req: Request = self.requests[c["request_ids"][i]]
         nout = c["num_output"][i]
-        total = len(req.prompt_token_ids) + nout
-        if new == 1 and nc == total - 1 and nout:
-            tokens = (c["outputs"][i][0],)
-        else:
-            tokens = seq_tokens(req.prompt_token_ids, c["outputs"][i], nout, nc, nc + new)
-        samples = 0
-        if nc + new == total:
-            samples = self._width(req, nout)
+        tokens = seq_tokens(req.prompt_token_ids, c["outputs"][i], nout, nc, nc + new)
+        samples = _width(req.sampling, nout) if nc + new == c["num_tokens"][i] else 0
         c["num_computed"][i] = nc + new
         self.budget -= new
-        self.rows[i] = _Row(tokens, nc, samples, copies)
+        self.rows[i] = (tokens, nc, samples, tuple(copies))
 
     # -- waiting sequences ------------------------------------------------------------
     def admit_waiting(self) -> int:
@@ -160,16 +158,12 @@ class _Step:
         sc = self.config.scheduler
         waiting = self.state.waiting
         c = self.cols
-        n_running = sum(
-            self._width(self.requests[r], nout)
-            for r, nout, ok in zip(c["request_ids"], c["num_output"], self.live)
-            if ok
-        )
+        n_running = sum(_width(sp, n) for sp, n, ok in zip(c["sampling"], c["num_output"], self.live) if ok)
         k = 0
         while k < len(waiting) and self.budget > 0:
             seq = waiting[k]
             req = self.requests[seq.request_id]
-            width = self._width(req, seq.num_output)
+            width = _width(req.sampling, seq.num_output)
             if n_running + width > sc.max_num_seqs:
                 self.idle_reason = self.idle_reason or f"max_num_seqs={sc.max_num_seqs} reached"
                 break
@@ -196,71 +190,104 @@ class _Step:
         evictable = sum(1 for b in hits if edit.ref.get(b, 0) == 0)
         if edit.num_free - evictable < need:
             self.idle_reason = (
-                f"request {req.request_id!r} needs {need} free KV blocks, "
-                f"{edit.num_free - evictable} are free"
+                f"request {req.request_id!r} needs {need} free KV blocks, {edit.num_free - evictable} are free"
             )
             return False
         for b in hits:
             edit.incref(b)
-        table = hits + edit.allocate(need)
-        c = self.cols
-        for name, v in (
-            ("seq_ids", seq.seq_id),
-            ("request_ids", seq.request_id),
-            ("indexes", seq.index),
-            ("num_computed", nc),
-            ("num_output", seq.num_output),
-            ("outputs", seq.output),
-            ("tables", tuple(table)),
-            ("hashes", seq.hashes),
-        ):
-            c[name].append(v)
+        table = tuple(hits + edit.allocate(need))
+        row = (seq.seq_id, seq.request_id, seq.index, req.sampling, nc, total, seq.num_output, seq.output, table, seq.hashes)
+        for name, v in zip(COLUMNS, row):
+            self.cols[name].append(v)
         self.live.append(True)
         self._plan(len(self.live) - 1, nc, new, [])
         return True
 
     # -- result -------------------------------------------------------------------------
     def finish(self, n_admitted: int) -> tuple[EngineState, BatchPlan]:
-        state, c = self.state, self.cols
-        live = self.live
+        state, c, live = self.state, self.cols, self.live
         if all(live):
-            running = Running(**{k: tuple(v) for k, v in c.items()})
+            running = Running(*(tuple(c[k]) for k in COLUMNS))
         else:
-            running = Running(**{k: tuple(x for x, ok in zip(v, live) if ok) for k, v in c.items()})
+            running = Running(*(tuple(x for x, ok in zip(c[k], live) if ok) for k in COLUMNS))
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
-        new_state = attrs.evolve(
-            state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1
-        )
+        new_state = attrs.evolve(state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1)
         return new_state, self._build_plan()
 
     def _build_plan(self) -> BatchPlan:
-        c = self.cols
-        order = sorted(self.rows)
-        rows = [self.rows[i] for i in order]
-        rids = [c["request_ids"][i] for i in order]
-        reason = self.idle_reason
-        if not rows:
-            reason = reason or ("no requests" if not self.state.requests else "nothing schedulable")
+        c, rows = self.cols, self.rows
+        order = list(rows)
+        plan_rows = list(rows.values())
+        reason = ""
+        if not plan_rows:
+            reason = self.idle_reason or ("no requests" if not self.state.requests else "nothing schedulable")
         return BatchPlan(
             step=self.state.step,
-            seq_ids=tuple(c["seq_ids"][i] for i in order),
-            request_ids=tuple(rids),
-            token_ids=tuple(r.tokens for r in rows),
-            positions=tuple(r.pos for r in rows),
-            block_tables=tuple(c["tables"][i] for i in order),
-            num_samples=tuple(r.samples for r in rows),
-            sample_index=tuple(c["indexes"][i] for i in order),
-            output_pos=tuple(c["num_output"][i] for i in order),
-            sampling=tuple(self.requests[r].sampling for r in rids),
-            copies=tuple(cp for r in rows for cp in r.copies),
-            idle_reason="" if rows else reason,
+            seq_ids=tuple([c["seq_ids"][i] for i in order]),
+            request_ids=tuple([c["request_ids"][i] for i in order]),
+            token_ids=tuple([r[0] for r in plan_rows]),
+            positions=tuple([r[1] for r in plan_rows]),
+            block_tables=tuple([c["tables"][i] for i in order]),
+            num_samples=tuple([r[2] for r in plan_rows]),
+            sample_index=tuple([c["indexes"][i] for i in order]),
+            output_pos=tuple([c["num_output"][i] for i in order]),
+            sampling=tuple([c["sampling"][i] for i in order]),
+            copies=tuple([cp for r in plan_rows for cp in r[3]]),
+            idle_reason=reason,
         )
 
 
 def schedule(state: EngineState, config: EngineConfig, *, now: float = 0.0) -> tuple[EngineState, BatchPlan]:
     """Plan the next step. ``now`` is accepted for the engine's clock but no
     decision depends on it (scheduling is a function of the state alone)."""
+    fast = _all_decode(state, config)
+    return fast if fast is not None else schedule_general(state, config)
+
+
+def schedule_general(state: EngineState, config: EngineConfig) -> tuple[EngineState, BatchPlan]:
+    """The whole algorithm, row by row (``schedule``'s fast path must agree with it)."""
     step = _Step(state, config)
     step.schedule_running()
     admitted = 0 if step.preempted else step.admit_waiting()
     return step.finish(admitted)
+
+
+def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, BatchPlan] | None:
+    """Column-wise plan for the common step: nothing waiting, every running row
+    decodes one token within budget and blocks, no tail block shared. None
+    when any of that does not hold (the general path then decides)."""
+    run, bs = state.running, config.cache.block_size
+    n = len(run)
+    if not n or state.waiting or n > config.scheduler.max_num_batched_tokens:
+        return None
+    ncs = run.num_computed
+    if any([t - c != 1 for t, c in zip(run.num_tokens, ncs)]) or not all(run.num_output):
+        return None
+    pool = state.pool
+    if any([sp.n > 1 and c % bs and pool.ref[t[-1]] > 1 for sp, c, t in zip(run.sampling, ncs, run.tables)]):
+        return None
+    boundary = [i for i, c in enumerate(ncs) if not c % bs]
+    tables = run.tables
+    if boundary:
+        if len(boundary) > pool.num_free:
+            return None
+        edit = PoolEdit(pool)
+        tables = list(tables)
+        for i in boundary:
+            tables[i] = tables[i] + (edit.take(),)
+        tables = tuple(tables)
+        pool = edit.finish()
+    running = attrs.evolve(run, num_computed=tuple([c + 1 for c in ncs]), tables=tables)
+    plan = BatchPlan(
+        step=state.step,
+        seq_ids=run.seq_ids,
+        request_ids=run.request_ids,
+        token_ids=tuple([(o[0],) for o in run.outputs]),
+        positions=ncs,
+        block_tables=tables,
+        num_samples=(1,) * n,
+        sample_index=run.indexes,
+        output_pos=run.num_output,
+        sampling=run.sampling,
+    )
+    return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan

@@ -42,9 +42,17 @@ def cons_push_all(cell: Cons, tokens) -> Cons:
 def cons_tuple(cell: Cons, n: int | None = None) -> tuple[int, ...]:
     """The last ``n`` tokens (all when ``n`` is None), oldest first."""
     out = []
-    while cell is not None and (n is None or len(out) < n):
-        out.append(cell[0])
-        cell = cell[1]
+    append = out.append
+    if n is None:
+        while cell is not None:
+            append(cell[0])
+            cell = cell[1]
+    else:
+        for _ in range(n):
+            if cell is None:
+                break
+            append(cell[0])
+            cell = cell[1]
     out.reverse()
     return tuple(out)
 
@@ -182,7 +190,9 @@ class Running:
     seq_ids: tuple[int, ...] = ()
     request_ids: tuple[str, ...] = ()
     indexes: tuple[int, ...] = ()
+    sampling: tuple[SamplingParams, ...] = ()  # the request's, for the hot path
     num_computed: tuple[int, ...] = ()
+    num_tokens: tuple[int, ...] = ()  # prompt + output
     num_output: tuple[int, ...] = ()
     outputs: tuple[Cons, ...] = ()
     tables: tuple[tuple[int, ...], ...] = ()
@@ -312,6 +322,47 @@ class SeqOutput:
     stop_reason: int | str | None = None
     logprobs: tuple[TokenLogprobs, ...] | None = None
     request_finished: bool = False
+
+
+@attrs.frozen
+class Outputs:
+    """A committed step's news as columns, one entry per sampled token
+    (a sequence gets one token per step); iterate for :class:`SeqOutput`
+    records. ``finished_requests`` lists requests whose last sequence ended."""
+
+    request_ids: tuple[str, ...] = ()
+    indexes: tuple[int, ...] = ()
+    seq_ids: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()
+    finish_reasons: tuple[str | None, ...] = ()
+    stop_reasons: tuple[int | str | None, ...] = ()
+    logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    finished_requests: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def __iter__(self):
+        done = set(self.finished_requests)
+        lps = self.logprobs
+        for k in range(len(self.seq_ids)):
+            rid, reason = self.request_ids[k], self.finish_reasons[k]
+            yield SeqOutput(
+                request_id=rid,
+                index=self.indexes[k],
+                seq_id=self.seq_ids[k],
+                new_token_ids=(self.token_ids[k],),
+                finish_reason=reason,
+                stop_reason=self.stop_reasons[k],
+                logprobs=None if lps is None or lps[k] is None else (lps[k],),
+                request_finished=reason is not None and rid in done and self._last_of(rid, k),
+            )
+
+    def _last_of(self, rid: str, k: int) -> bool:
+        """True for the final ending entry of ``rid`` in this step."""
+        return all(
+            self.request_ids[j] != rid or self.finish_reasons[j] is None for j in range(k + 1, len(self.seq_ids))
+        )
 
 
 @attrs.frozen(kw_only=True)

@@ -76,9 +76,8 @@ class Run:
         after, plan = schedule(before, self.config)
         check_plan(before, after, plan, self.config)
         check_invariants(after, self.config)
-        self.preemptions += sum(1 for s in after.waiting if s.status.value == "preempted") - sum(
-            1 for s in before.waiting if s.status.value == "preempted"
-        )
+        was_running = set(before.running.seq_ids)
+        self.preemptions += sum(1 for s in after.waiting if s.seq_id in was_running)
         out = self.ex.execute(plan) if len(plan) else StepOutput()
         self.state, outs = commit(after, plan, out, self.config)
         check_invariants(self.state, self.config)

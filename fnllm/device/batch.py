@@ -1,0 +1,93 @@
+"""Plan -> host batch: the flat arrays a forward needs, as numpy (no torch).
+
+Rows keep the plan's order; row ``i``'s new tokens are the flat tokens
+``query_start_loc[i] .. query_start_loc[i+1]-1`` at positions
+``context_lens[i] .. seq_lens[i]-1``. A token at position ``p`` of row ``i``
+lives in slot ``block_tables[i][p // block_size] * block_size + p % block_size``.
+``block_tables`` is padded to a rectangle with block 0 (never read: every
+read is bounded by ``seq_lens``). ``logits_indices`` holds the flat index of
+the last token of each row that samples, in row order (``sample_rows``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fnllm.state import BatchPlan
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    block_size: int
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slot_mapping: np.ndarray  # int64 [T]
+    query_start_loc: np.ndarray  # int32 [B+1]
+    query_lens: np.ndarray  # int32 [B]
+    context_lens: np.ndarray  # int32 [B], tokens already cached before this step
+    seq_lens: np.ndarray  # int32 [B], context_lens + query_lens
+    block_tables: np.ndarray  # int32 [B, max_blocks]
+    logits_indices: np.ndarray  # int64 [S]
+    sample_rows: np.ndarray  # int64 [S]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.query_lens.shape[0])
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return bool(self.num_rows) and int(self.query_lens.max()) == 1
+
+
+def _block_table_array(tables, rows: int) -> np.ndarray:
+    width = max((len(t) for t in tables), default=0)
+    out = np.zeros((rows, max(width, 1)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
+
+
+def build_host_batch(plan: BatchPlan, block_size: int, vocab_size: int | None = None) -> HostBatch:
+    """Flatten ``plan``; raises ``ValueError`` on a plan that is not self-consistent."""
+    rows = len(plan.token_ids)
+    query_lens = np.fromiter((len(t) for t in plan.token_ids), dtype=np.int32, count=rows)
+    if rows and int(query_lens.min()) < 1:
+        raise ValueError(f"plan row {int(np.argmin(query_lens))} has no tokens")
+    context_lens = np.asarray(plan.positions, dtype=np.int32).reshape(rows)
+    seq_lens = context_lens + query_lens
+    table_lens = np.fromiter((len(t) for t in plan.block_tables), dtype=np.int32, count=rows)
+    short = np.nonzero(table_lens * block_size < seq_lens)[0]
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"plan row {i}: {seq_lens[i]} tokens need more blocks than its table's {table_lens[i]}")
+    qsl = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=qsl[1:])
+    total = int(qsl[-1])
+    input_ids = np.fromiter((t for ts in plan.token_ids for t in ts), dtype=np.int64, count=total)
+    if vocab_size is not None and total and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"plan holds token ids outside the vocabulary [0, {vocab_size})")
+    row_of = np.repeat(np.arange(rows), query_lens)
+    positions = (np.arange(total) - qsl[:-1][row_of] + context_lens[row_of]).astype(np.int64)
+    tables = _block_table_array(plan.block_tables, rows)
+    slot_mapping = tables[row_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    num_samples = np.asarray(plan.num_samples, dtype=np.int64).reshape(rows)
+    sample_rows = np.nonzero(num_samples > 0)[0].astype(np.int64)
+    return HostBatch(
+        block_size=block_size,
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        query_start_loc=qsl,
+        query_lens=query_lens,
+        context_lens=context_lens,
+        seq_lens=seq_lens,
+        block_tables=tables,
+        logits_indices=(qsl[1:][sample_rows] - 1).astype(np.int64),
+        sample_rows=sample_rows,
+    )

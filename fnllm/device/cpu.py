@@ -1,0 +1,200 @@
+"""The ``torch`` attention backend: paged attention in plain torch (CPU, CUDA).
+
+Per step, ``prepare`` builds everything the layers share: slot mapping, the
+rotary cos/sin rows of each token, and for the decode rows (one new token)
+one flat block index over their block tables plus an additive length mask.
+Per layer, ``attention`` writes K/V by slot (``index_copy_``), gathers the
+decode rows' blocks with a single ``index_select`` into a reused buffer and
+attends with two batched matmuls (block-diagonal queries when there are few
+KV heads: every head's keys are read in one contiguous matmul), softmax in
+float32. Rows with several new tokens (prompt chunks) use SDPA, causal within
+the chunk and over the whole cached context before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fnllm.device.batch import HostBatch
+from fnllm.model.model_config import DecoderConfig
+
+
+@dataclass
+class DecodeMeta:
+    token_idx: torch.Tensor | None  # flat token index of each decode row; None: all tokens
+    block_idx: torch.Tensor  # [B * max_blocks] flattened block tables
+    mask: torch.Tensor  # [B, 1, max_blocks * block_size] float32, 0 or -inf
+    num_rows: int
+    max_blocks: int
+
+
+@dataclass
+class PrefillMeta:
+    start: int
+    end: int
+    context: int  # tokens cached before this chunk
+    blocks: torch.Tensor  # the row's blocks covering its whole sequence
+    mask: torch.Tensor | None  # [n, seq_len] bool; None: causal over the chunk alone
+
+
+@dataclass
+class TorchMeta:
+    num_tokens: int
+    slot_mapping: torch.Tensor
+    cos: torch.Tensor  # [T, 1, d]: (cos, cos)
+    sin: torch.Tensor  # [T, 1, d]: (-sin, sin)
+    decode: DecodeMeta | None = None
+    prefills: list[PrefillMeta] = field(default_factory=list)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, cfg: DecoderConfig, *, block_size: int, device: torch.device, dtype: torch.dtype):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.group = cfg.num_heads // cfg.num_kv_heads
+        self.block_size, self.device, self.dtype = block_size, torch.device(device), dtype
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.block_diag = cfg.num_kv_heads <= 4
+        self._eye = torch.eye(cfg.num_kv_heads, dtype=dtype, device=self.device).view(
+            1, cfg.num_kv_heads, 1, cfg.num_kv_heads, 1
+        )
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    # -- per step ------------------------------------------------------------------
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:
+        positions = self._tensor(batch.positions)
+        cs = cos_sin_cache.index_select(0, positions)
+        half = self.head_dim // 2
+        cos, sin = cs[:, :half], cs[:, half:]
+        meta = TorchMeta(
+            num_tokens=batch.num_tokens,
+            slot_mapping=self._tensor(batch.slot_mapping),
+            cos=torch.cat((cos, cos), -1).unsqueeze(1).to(self.dtype),
+            sin=torch.cat((-sin, sin), -1).unsqueeze(1).to(self.dtype),
+        )
+        is_decode = batch.query_lens == 1
+        if is_decode.any():
+            meta.decode = self._decode_meta(batch, np.nonzero(is_decode)[0])
+        for i in np.nonzero(~is_decode)[0]:
+            meta.prefills.append(self._prefill_meta(batch, int(i)))
+        return meta
+
+    def _decode_meta(self, batch: HostBatch, rows: np.ndarray) -> DecodeMeta:
+        seq_lens = batch.seq_lens[rows]
+        nbm = -(-int(seq_lens.max()) // self.block_size)
+        span = np.arange(nbm * self.block_size)
+        mask = np.where(span[None, :] < seq_lens[:, None], 0.0, -np.inf).astype(np.float32)
+        all_tokens = len(rows) == batch.num_tokens
+        return DecodeMeta(
+            token_idx=None if all_tokens else self._tensor(batch.query_start_loc[rows].astype(np.int64)),
+            block_idx=self._tensor(batch.block_tables[rows, :nbm].astype(np.int64).reshape(-1)),
+            mask=self._tensor(mask[:, None, :]),
+            num_rows=len(rows),
+            max_blocks=nbm,
+        )
+
+    def _prefill_meta(self, batch: HostBatch, i: int) -> PrefillMeta:
+        start, end = int(batch.query_start_loc[i]), int(batch.query_start_loc[i + 1])
+        ctx, seq_len = int(batch.context_lens[i]), int(batch.seq_lens[i])
+        nblocks = -(-seq_len // self.block_size)
+        mask = None
+        if ctx:
+            q_pos = np.arange(ctx, seq_len)
+            mask = self._tensor(np.arange(seq_len)[None, :] <= q_pos[:, None])
+        blocks = self._tensor(batch.block_tables[i, :nblocks].astype(np.int64))
+        return PrefillMeta(start, end, ctx, blocks, mask)
+
+    # -- elementwise ops ---------------------------------------------------------------
+
+    def rms_norm(self, x, weight, eps):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        residual = residual.add_(x)
+        return F.rms_norm(residual, (x.shape[-1],), weight, eps), residual
+
+    def silu_mul(self, gate_up):
+        n = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :n]).mul_(gate_up[:, n:])
+
+    def rope_qkv(self, qkv, meta: TorchMeta):
+        """Split fused qkv; rotate q and k together (neox layout)."""
+        t, h, kvh, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qk = qkv[:, : (h + kvh) * d].view(t, h + kvh, d)
+        rot = torch.addcmul(qk * meta.cos, qk.roll(d // 2, -1), meta.sin)
+        return rot[:, :h], rot[:, h:], qkv[:, (h + kvh) * d :].view(t, kvh, d)
+
+    # -- attention --------------------------------------------------------------------
+
+    def _buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[key] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
+
+    def attention(self, q, k, v, kv_cache, meta: TorchMeta):
+        """q [T, H, d], k/v [T, KVH, d]; returns [T, H * d]."""
+        t = meta.num_tokens
+        kvh, d = self.num_kv_heads, self.head_dim
+        kv_cache[0].view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        dec = meta.decode
+        if dec is not None and dec.token_idx is None:
+            return self._decode(q, kv_cache, dec).reshape(t, -1)
+        out = q.new_empty((t, self.num_heads, d))
+        if dec is not None:
+            out.index_copy_(0, dec.token_idx, self._decode(q.index_select(0, dec.token_idx), kv_cache, dec))
+        for p in meta.prefills:
+            out[p.start : p.end] = self._prefill(q[p.start : p.end], k[p.start : p.end], v[p.start : p.end], kv_cache, p)
+        return out.view(t, -1)
+
+    def _gather(self, kv_cache, block_idx: torch.Tensor, key: str) -> torch.Tensor:
+        """``[2, len(block_idx) * block_size, kvh, d]``: both K and V, one index_select."""
+        nb = kv_cache.shape[1]
+        flat = kv_cache.view(2, nb, -1)
+        out = self._buffer(key, (2, block_idx.numel(), flat.shape[2]), kv_cache.dtype)
+        torch.index_select(flat, 1, block_idx, out=out)
+        return out.view(2, -1, self.num_kv_heads, self.head_dim)
+
+    def _decode(self, q, kv_cache, m: DecodeMeta):
+        b, h, kvh, g, d = m.num_rows, self.num_heads, self.num_kv_heads, self.group, self.head_dim
+        kv = self._gather(kv_cache, m.block_idx, "decode").view(2, b, -1, kvh * d)
+        qs = q.reshape(b, kvh, g, d) * self.scale
+        if self.block_diag:  # head h's query sits in head h's columns; the rest are zeros
+            qb = (qs.unsqueeze(3) * self._eye).view(b, h, kvh * d)
+            s = torch.bmm(qb, kv[0].transpose(1, 2)).float().add_(m.mask)
+            p = torch.softmax(s, -1).to(q.dtype)
+            o = torch.bmm(p, kv[1]).view(b, kvh, g, kvh, d)
+            return o.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, h, d)
+        k4 = kv[0].view(b, -1, kvh, d)
+        s = torch.einsum("bhgd,blhd->bhgl", qs, k4).float().add_(m.mask.unsqueeze(1))
+        p = torch.softmax(s, -1).to(q.dtype)
+        return torch.einsum("bhgl,blhd->bhgd", p, kv[1].view(b, -1, kvh, d)).reshape(b, h, d)
+
+    def _prefill(self, q, k, v, kv_cache, p: PrefillMeta):
+        if p.mask is None:
+            keys, values = k, v
+        else:
+            kv = self._gather(kv_cache, p.blocks, "prefill")
+            keys, values = kv[0, : p.mask.shape[1]], kv[1, : p.mask.shape[1]]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=p.mask,
+            is_causal=p.mask is None,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return o[0].transpose(0, 1)

@@ -1,0 +1,153 @@
+"""The executor: runs a :class:`BatchPlan` as one forward over paged KV.
+
+:class:`ModelExecutor` owns the weights and one KV tensor per layer,
+``(2, num_blocks, block_size, num_kv_heads, head_size)`` as vllm-ascend lays
+it out. A step: block copies (``plan.copies``, all layers, before anything
+else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
+metadata, the forward (logits only for rows that sample), then sampling. It
+keeps no per-request state: everything a step needs is in its plan.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+from fnllm.device.attention import get_attn_backend, resolve_device
+from fnllm.device.batch import HostBatch, build_host_batch
+from fnllm.device.sampling import SampleRequest, sample
+from fnllm.model.loader import load_model, open_checkpoint, torch_dtype
+from fnllm.model.model_config import DecoderConfig
+from fnllm.state import BatchPlan, StepOutput
+
+
+class Executor(Protocol):
+    def execute(self, plan: BatchPlan) -> StepOutput: ...
+
+
+def num_blocks_for_memory(memory_bytes: int, model_config: DecoderConfig, block_size: int, dtype="float32") -> int:
+    """How many KV blocks fit in ``memory_bytes`` (all layers, K and V)."""
+    element = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    return int(memory_bytes) // model_config.kv_block_bytes(block_size, element)
+
+
+class ModelExecutor:
+    """Weights + paged KV cache + sampler for one model.
+
+    ``model_path`` is a Hugging Face directory or a ``.gguf`` file. Give
+    either ``num_blocks`` or ``kv_cache_bytes``. ``device`` is ``auto``
+    (npu, then cuda, then cpu), ``cpu``, ``cuda`` or ``npu``;
+    ``attn_backend`` None picks the device's backend.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        num_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        seed: int = 0,
+        attn_backend: str | None = None,
+    ):
+        ckpt = open_checkpoint(model_path)  # validates before anything is allocated
+        self.config: DecoderConfig = ckpt.config
+        self.model_path = ckpt.path
+        self.gguf_path = ckpt.gguf_path
+        self.block_size, self.seed = block_size, seed
+        self.dtype = torch_dtype(dtype)
+        self.device = resolve_device(device)
+        if num_blocks is None:
+            if kv_cache_bytes is None:
+                raise ValueError("give num_blocks or kv_cache_bytes")
+            num_blocks = num_blocks_for_memory(kv_cache_bytes, self.config, block_size, self.dtype)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache memory holds no block of {block_size} tokens (num_blocks={num_blocks})")
+        self.num_blocks = num_blocks
+        self.backend = get_attn_backend(self.device, attn_backend, cfg=self.config, block_size=block_size, dtype=self.dtype)
+        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device)
+        shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.config.num_layers)]
+
+    @classmethod
+    def from_engine_config(cls, config, *, attn_backend: str | None = None) -> "ModelExecutor":
+        """Build from an :class:`fnllm.config.EngineConfig`."""
+        m, c = config.model, config.cache
+        if m.model is None:
+            raise ValueError("EngineConfig.model.model (the model path) is not set")
+        return cls(m.model, dtype=m.dtype, device=m.device, num_blocks=c.num_blocks, block_size=c.block_size,
+                   seed=m.seed, attn_backend=attn_backend)
+
+    # -- what the engine needs to know ------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.config.eos_token_ids[0] if self.config.eos_token_ids else None
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.config.max_position_embeddings
+
+    # -- a step --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    @torch.inference_mode()
+    def forward(self, batch: HostBatch) -> torch.Tensor:
+        """The logits ``[len(batch.sample_rows), vocab]`` (float32)."""
+        meta = self.backend.prepare(batch, self.model.cos_sin_cache)
+        input_ids = torch.from_numpy(batch.input_ids).to(self.device)
+        logits_indices = torch.from_numpy(batch.logits_indices).to(self.device)
+        return self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices)
+
+    def compute_logits(self, plan: BatchPlan) -> torch.Tensor:
+        """Run ``plan`` (copies and KV writes included) and return the logits of
+        its sampling rows, in row order, without sampling."""
+        self.copy_blocks(plan.copies)
+        if not len(plan):
+            return torch.empty((0, self.vocab_size))
+        return self.forward(build_host_batch(plan, self.block_size, self.vocab_size))
+
+    def execute(self, plan: BatchPlan) -> StepOutput:
+        self.copy_blocks(plan.copies)
+        if not len(plan):
+            return StepOutput(sampled=())
+        batch = build_host_batch(plan, self.block_size, self.vocab_size)
+        logits = self.forward(batch)
+        rows = batch.sample_rows.tolist()
+        reqs = [
+            SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i],
+                          plan.request_ids[i] if plan.request_ids else "")
+            for i in rows
+        ]
+        with torch.inference_mode():
+            got, lps = sample(logits, reqs, self.seed) if rows else ((), None)
+        sampled = [()] * len(plan)
+        for i, s in zip(rows, got):
+            sampled[i] = s
+        logprobs = None
+        if lps is not None:
+            logprobs = [()] * len(plan)
+            for i, lp in zip(rows, lps):
+                logprobs[i] = lp
+            logprobs = tuple(logprobs)
+        return StepOutput(sampled=tuple(sampled), logprobs=logprobs)

@@ -1,0 +1,191 @@
+"""Load a model from a Hugging Face directory or a GGUF file.
+
+Everything is checked before the model is allocated: the config, every
+file's header (present, complete, not truncated), the tensor names (none
+missing, none unexpected, none in two shards) and their shapes. A malformed
+checkpoint raises :class:`CheckpointError` (a ``ValueError``) naming the file
+and the tensor or key. Then the model is allocated uninitialised and filled
+tensor by tensor (``safe_open``), so no second full copy of the weights is
+ever held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fnllm.model.model_config import CheckpointError, DecoderConfig, decoder_config_from_dict
+from fnllm.model.pangu import MODEL_CLASSES, expected_tensors, ignorable_tensor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one checkpoint tensor lives and how to read it."""
+
+    file: str
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: str
+    config: DecoderConfig
+    tensors: dict[str, TensorRef]
+    gguf_path: str | None = None
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# -- safetensors headers -------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file; raises when the file is
+    malformed or shorter than its header says (truncated)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        if entry.get("dtype") not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has non-float dtype {entry.get('dtype')!r}")
+        end = max(end, entry["data_offsets"][1])
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, data needs {8 + n + end})")
+    return header
+
+
+def _reader(path: Path, name: str) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read
+
+
+def _shard_files(root: Path) -> list[Path]:
+    index = root / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+        files = sorted({root / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: shard file {f.name} is missing")
+        return files
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{root}: no model.safetensors, {INDEX_NAME} or *.safetensors file")
+    return files
+
+
+def _hf_tensors(root: Path) -> dict[str, TensorRef]:
+    tensors: dict[str, TensorRef] = {}
+    for path in _shard_files(root):
+        for name, entry in read_safetensors_header(path).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in two shards: {tensors[name].file} and {path}")
+            tensors[name] = TensorRef(str(path), tuple(entry["shape"]), _reader(path, name))
+    index = root / INDEX_NAME
+    if index.is_file():
+        for name, file in json.loads(index.read_text())["weight_map"].items():
+            if name not in tensors or Path(tensors[name].file).name != file:
+                raise CheckpointError(f"{index}: tensor {name!r} is not in its shard {file}")
+    return tensors
+
+
+def load_hf_config(root: Path) -> DecoderConfig:
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: config.json is missing")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: malformed JSON ({e})") from None
+    return decoder_config_from_dict(raw, str(cfg_path))
+
+
+# -- the checkpoint ----------------------------------------------------------------
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and validate a checkpoint's config and tensor index (no weights)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"model path {p} does not exist")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise CheckpointError(f"{p}: a model file must be a .gguf (or give a Hugging Face directory)")
+        from fnllm.model.gguf_loader import open_gguf
+
+        ckpt = open_gguf(p)
+    else:
+        ckpt = Checkpoint(str(p), load_hf_config(p), _hf_tensors(p))
+    validate(ckpt)
+    return ckpt
+
+
+def load_config(path: str | os.PathLike) -> DecoderConfig:
+    """The model's architecture config (validates the whole checkpoint index)."""
+    return open_checkpoint(path).config
+
+
+def validate(ckpt: Checkpoint) -> None:
+    expected = expected_tensors(ckpt.config)
+    for name, ref in ckpt.tensors.items():
+        if name in expected:
+            if ref.shape != expected[name]:
+                raise CheckpointError(
+                    f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, expected {list(expected[name])}"
+                )
+        elif not ignorable_tensor(ckpt.config, name):
+            raise CheckpointError(f"{ref.file}: unexpected tensor {name!r}")
+    for name in expected:
+        if name not in ckpt.tensors:
+            raise CheckpointError(f"{ckpt.path}: missing tensor {name!r}")
+
+
+def load_model(path_or_ckpt, dtype="float32", device="cpu"):
+    """Validate, allocate, fill: returns ``(model, checkpoint)``."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else open_checkpoint(path_or_ckpt)
+    cls = MODEL_CLASSES[ckpt.config.architecture]
+    model = cls(ckpt.config, dtype=torch_dtype(dtype), device=device)
+    expected = expected_tensors(ckpt.config)
+    for name, ref in ckpt.tensors.items():
+        if name in expected:
+            model.load_tensor(name, ref.read())
+    return model.eval(), ckpt

@@ -1,0 +1,160 @@
+"""PanguEmbedded decoder (and Llama, the same code without bias).
+
+A Llama-family decoder: RMSNorm, GQA attention with RoPE (neox layout, the
+checkpoint's ``rope_theta``), optional bias on q/k/v/o, SwiGLU MLP, tied or
+untied embeddings. q/k/v and gate/up are held fused (one matmul each); the
+Hugging Face names map onto row slices of the fused weights
+(:func:`expected_tensors`, :meth:`PanguEmbeddedForCausalLM.load_tensor`).
+
+The forward runs on a flat batch of ``T`` tokens; every norm, rotary and
+attention op goes through ``ops`` (an attention backend), which owns the
+paged KV layout. Logits are computed only for the ``logits_indices`` rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fnllm.model.model_config import DecoderConfig
+
+
+def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint must hold, Hugging Face names, with shapes."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
+    proj = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size}
+    for n in range(cfg.num_layers):
+        p = f"model.layers.{n}."
+        for name, rows in proj.items():
+            out[p + f"self_attn.{name}.weight"] = (rows, h)
+            if cfg.attention_bias:
+                out[p + f"self_attn.{name}.bias"] = (rows,)
+        out[p + "self_attn.o_proj.weight"] = (h, cfg.q_size)
+        if cfg.attention_bias:
+            out[p + "self_attn.o_proj.bias"] = (h,)
+        out[p + "mlp.gate_proj.weight"] = (i, h)
+        out[p + "mlp.up_proj.weight"] = (i, h)
+        out[p + "mlp.down_proj.weight"] = (h, i)
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+    return out
+
+
+def ignorable_tensor(cfg: DecoderConfig, name: str) -> bool:
+    """Tensors a checkpoint may carry that the model does not use."""
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _param(*shape: int, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype, device):
+        super().__init__()
+        h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+        kw = dict(dtype=dtype, device=device)
+        self.qkv_weight = _param(q + 2 * kv, h, **kw)
+        self.qkv_bias = _param(q + 2 * kv, **kw) if cfg.attention_bias else None
+        self.o_weight = _param(h, q, **kw)
+        self.o_bias = _param(h, **kw) if cfg.attention_bias else None
+        self.gate_up_weight = _param(2 * cfg.intermediate_size, h, **kw)
+        self.down_weight = _param(h, cfg.intermediate_size, **kw)
+        self.input_norm = _param(h, **kw)
+        self.post_norm = _param(h, **kw)
+        self.cfg = cfg
+
+    def forward(self, x, residual, kv_cache, meta, ops):
+        cfg = self.cfg
+        if residual is None:
+            residual, x = x, ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        else:
+            x, residual = ops.add_rms_norm(x, residual, self.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = ops.rope_qkv(qkv, meta)
+        attn = ops.attention(q, k, v, kv_cache, meta)
+        x = F.linear(attn, self.o_weight, self.o_bias)
+        x, residual = ops.add_rms_norm(x, residual, self.post_norm, cfg.rms_norm_eps)
+        gate_up = F.linear(x, self.gate_up_weight)
+        x = ops.silu_mul(gate_up)
+        return F.linear(x, self.down_weight), residual
+
+
+class PanguEmbeddedForCausalLM(nn.Module):
+    """The decoder; also serves ``LlamaForCausalLM`` checkpoints."""
+
+    def __init__(self, cfg: DecoderConfig, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        kw = dict(dtype=dtype, device=device)
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size, **kw)
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, device), persistent=False)
+
+    # -- weights -----------------------------------------------------------------
+
+    def _target(self, name: str) -> torch.Tensor:
+        """The parameter slice a Hugging Face tensor name loads into."""
+        cfg = self.cfg
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens
+        if name == "model.norm.weight":
+            return self.norm
+        if name == "lm_head.weight":
+            return self.lm_head
+        parts = name.split(".")  # model.layers.N.<module>.<proj>.<kind>
+        layer = self.layers[int(parts[2])]
+        module, kind = ".".join(parts[3:-1]), parts[-1]
+        q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        qkv_rows = {"self_attn.q_proj": (0, q), "self_attn.k_proj": (q, q + kv), "self_attn.v_proj": (q + kv, q + 2 * kv)}
+        if module in qkv_rows:
+            lo, hi = qkv_rows[module]
+            return (layer.qkv_weight if kind == "weight" else layer.qkv_bias)[lo:hi]
+        if module == "self_attn.o_proj":
+            return layer.o_weight if kind == "weight" else layer.o_bias
+        if module in ("mlp.gate_proj", "mlp.up_proj"):
+            return layer.gate_up_weight[:i] if module == "mlp.gate_proj" else layer.gate_up_weight[i:]
+        simple = {"mlp.down_proj": layer.down_weight, "input_layernorm": layer.input_norm,
+                  "post_attention_layernorm": layer.post_norm}
+        return simple[module]
+
+    @torch.no_grad()
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor (any float dtype) into its place."""
+        self._target(name).copy_(tensor)
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, input_ids, kv_caches, meta, ops, logits_indices) -> torch.Tensor:
+        """Run ``T`` tokens; return logits ``[len(logits_indices), vocab]``
+        (float32) for the selected token rows."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, kv_cache, meta, ops)
+        if logits_indices is None or logits_indices.numel() == 0:
+            return x.new_empty((0, self.cfg.vocab_size), dtype=torch.float32)
+        x = x.index_select(0, logits_indices)
+        residual = residual.index_select(0, logits_indices)
+        x, _ = ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+
+LlamaForCausalLM = PanguEmbeddedForCausalLM
+MODEL_CLASSES = {"PanguEmbeddedForCausalLM": PanguEmbeddedForCausalLM, "LlamaForCausalLM": LlamaForCausalLM}
+
+
+def rope_cos_sin_cache(cfg: DecoderConfig, device) -> torch.Tensor:
+    """``[max_positions, head_dim]`` float32: cos of each frequency, then sin
+    (the layout torch_npu's rotary kernels and vLLM use)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
