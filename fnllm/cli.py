@@ -1,13 +1,170 @@
-"""The ``fnllm`` command line (generate lands with the engine, Stage 4)."""
+"""The ``fnllm`` command line: ``generate`` (and ``replay``, see fnllm.replay_cli).
+
+Bad input (a bad flag value, a missing file, a prompt that cannot be
+served) prints one ``fnllm: error: ...`` line and exits 2, never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+
+from fnllm.state import SamplingParams
+
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, json.JSONDecodeError)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: the demo SmolLM2 model)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fnllm", description="fnllm: a pure-functional LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text (streams to the terminal)")
+    g.add_argument("prompt", nargs="?", help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--prompts-file", default=None, help="JSON lines: a string, or {prompt|messages, ...sampling}")
+    g.add_argument("--output", default=None, help="write JSON lines of results here")
+    g.add_argument("--json", action="store_true", help="print results as JSON instead of streaming text")
+    g.add_argument("--record", default=None, help="record a replayable trace to this file")
+    _add_model_args(g)
+    try:
+        from fnllm.replay_cli import add_replay_parser
+
+        add_replay_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _sampling(args, overrides: dict | None = None) -> SamplingParams:
+    kw = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+    )
+    import attrs
+
+    known = {f.name for f in attrs.fields(SamplingParams)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+    kw.update(overrides or {})
+    return SamplingParams(**kw)
+
+
+def _make_llm(args):
+    from fnllm.llm import LLM
+
+    return LLM(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
+    )
+
+
+def _prompt_of(llm, text: str, chat: bool, system: str | None):
+    if not chat:
+        return text
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    tok = llm.get_tokenizer()
+    return {"prompt": tok.apply_chat_template(messages), "prompt_token_ids": tok.apply_chat_template_ids(messages)}
+
+
+def _read_prompts(llm, args) -> tuple[list, list[SamplingParams]]:
+    prompts, params = [], []
+    with open(args.prompts_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if not isinstance(item, dict) or not ("prompt" in item or "messages" in item):
+                raise ValueError(f"{args.prompts_file} line {n}: expected a string or an object with 'prompt' or 'messages'")
+            overrides = {k: v for k, v in item.items() if k not in ("prompt", "messages")}
+            if "messages" in item:
+                tok = llm.get_tokenizer()
+                prompts.append({"prompt": tok.apply_chat_template(item["messages"]),
+                                "prompt_token_ids": tok.apply_chat_template_ids(item["messages"])})
+            else:
+                prompts.append(_prompt_of(llm, item["prompt"], args.chat, args.system))
+            params.append(_sampling(args, overrides))
+    return prompts, params
+
+
+def _as_json(out) -> dict:
+    return {
+        "request_id": out.request_id,
+        "prompt": out.prompt,
+        "outputs": [
+            {"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+             "stop_reason": c.stop_reason}
+            for c in out.outputs
+        ],
+    }
+
+
+def _stream(llm, prompt, sp) -> None:
+    engine = llm.llm_engine
+    engine.add_request("cli-0", prompt, sp)
+    shown = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text if out.outputs else ""
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+    sys.stdout.write("\n")
+
+
+def cmd_generate(args) -> int:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give a prompt or --prompts-file (one of the two)")
+    llm = _make_llm(args)
+    if args.prompts_file:
+        prompts, params = _read_prompts(llm, args)
+    else:
+        prompts, params = [_prompt_of(llm, args.prompt, args.chat, args.system)], [_sampling(args)]
+    if args.prompt is not None and not args.json and not args.output:
+        _stream(llm, prompts[0], params[0])
+        return 0
+    outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    lines = [json.dumps(_as_json(o), ensure_ascii=False) for o in outs]
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    if args.json or not args.output:
+        print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("fnllm: not yet: `fnllm generate` lands with the engine (Stage 4).", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"fnllm: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

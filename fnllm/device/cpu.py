@@ -8,12 +8,16 @@ decode rows' blocks with a single ``index_select`` into a reused buffer and
 attends with two batched matmuls (block-diagonal queries when there are few
 KV heads: every head's keys are read in one contiguous matmul), softmax in
 float32. Rows with several new tokens (prompt chunks) use SDPA, causal within
-the chunk and over the whole cached context before it.
+the chunk and over the whole cached context before it. On CPU the projection
+weights are repacked once into oneDNN's blocked layout (``linear`` then
+calls ``mkldnn._linear_pointwise``), which halves the time of a decode step's
+matmuls on this class of machine.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +26,21 @@ import torch.nn.functional as F
 
 from fnllm.device.batch import HostBatch
 from fnllm.model.model_config import DecoderConfig
+
+
+PACK_BATCH_HINT = 64  # oneDNN picks the packed layout for this many rows; any count works
+
+
+def _mkldnn_packing_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Pack linear weights for oneDNN on CPU (2x faster bf16/fp32 decode here);
+    ``FNLLM_PACK_LINEAR=0`` turns it off."""
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and os.environ.get("FNLLM_PACK_LINEAR", "1") != "0"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 @dataclass
@@ -65,6 +84,18 @@ class TorchBackend:
             1, cfg.num_kv_heads, 1, cfg.num_kv_heads, 1
         )
         self._buffers: dict[str, torch.Tensor] = {}
+        self.packs_linears = _mkldnn_packing_ok(self.device, dtype)
+
+    # -- linears ------------------------------------------------------------------------
+
+    def pack_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """oneDNN's blocked layout for a ``[out, in]`` weight (CPU only)."""
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+
+    def linear(self, x, weight, bias=None):
+        if self.packs_linears:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
     # -- per step ------------------------------------------------------------------
 
@@ -145,10 +176,8 @@ class TorchBackend:
 
     def attention(self, q, k, v, kv_cache, meta: TorchMeta):
         """q [T, H, d], k/v [T, KVH, d]; returns [T, H * d]."""
-        t = meta.num_tokens
-        kvh, d = self.num_kv_heads, self.head_dim
-        kv_cache[0].view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        t, d = meta.num_tokens, self.head_dim
+        self._write_kv(k, v, kv_cache, meta.slot_mapping)
         dec = meta.decode
         if dec is not None and dec.token_idx is None:
             return self._decode(q, kv_cache, dec).reshape(t, -1)
@@ -158,6 +187,11 @@ class TorchBackend:
         for p in meta.prefills:
             out[p.start : p.end] = self._prefill(q[p.start : p.end], k[p.start : p.end], v[p.start : p.end], kv_cache, p)
         return out.view(t, -1)
+
+    def _write_kv(self, k, v, kv_cache, slots: torch.Tensor) -> None:
+        kvh, d = self.num_kv_heads, self.head_dim
+        kv_cache[0].view(-1, kvh, d).index_copy_(0, slots, k)
+        kv_cache[1].view(-1, kvh, d).index_copy_(0, slots, v)
 
     def _gather(self, kv_cache, block_idx: torch.Tensor, key: str) -> torch.Tensor:
         """``[2, len(block_idx) * block_size, kvh, d]``: both K and V, one index_select."""

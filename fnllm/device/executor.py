@@ -70,6 +70,8 @@ class ModelExecutor:
         self.num_blocks = num_blocks
         self.backend = get_attn_backend(self.device, attn_backend, cfg=self.config, block_size=block_size, dtype=self.dtype)
         self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device)
+        if self.backend.packs_linears:
+            self.model.repack_linears(self.backend.pack_weight)
         shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.config.num_layers)]
 

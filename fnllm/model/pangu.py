@@ -6,9 +6,11 @@ untied embeddings. q/k/v and gate/up are held fused (one matmul each); the
 Hugging Face names map onto row slices of the fused weights
 (:func:`expected_tensors`, :meth:`PanguEmbeddedForCausalLM.load_tensor`).
 
-The forward runs on a flat batch of ``T`` tokens; every norm, rotary and
-attention op goes through ``ops`` (an attention backend), which owns the
-paged KV layout. Logits are computed only for the ``logits_indices`` rows.
+The forward runs on a flat batch of ``T`` tokens; every linear, norm, rotary
+and attention op goes through ``ops`` (an attention backend), which owns the
+paged KV layout and may repack the projection weights for its device
+(:meth:`PanguEmbeddedForCausalLM.repack_linears`; then ``load_tensor`` no
+longer applies). Logits are computed only for the ``logits_indices`` rows.
 """
 
 from __future__ import annotations
@@ -74,14 +76,16 @@ class DecoderLayer(nn.Module):
             residual, x = x, ops.rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         else:
             x, residual = ops.add_rms_norm(x, residual, self.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = ops.rope_qkv(qkv, meta)
         attn = ops.attention(q, k, v, kv_cache, meta)
-        x = F.linear(attn, self.o_weight, self.o_bias)
+        x = ops.linear(attn, self.o_weight, self.o_bias)
         x, residual = ops.add_rms_norm(x, residual, self.post_norm, cfg.rms_norm_eps)
-        gate_up = F.linear(x, self.gate_up_weight)
+        gate_up = ops.linear(x, self.gate_up_weight)
         x = ops.silu_mul(gate_up)
-        return F.linear(x, self.down_weight), residual
+        return ops.linear(x, self.down_weight), residual
+
+    LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
 
 class PanguEmbeddedForCausalLM(nn.Module):
@@ -143,7 +147,17 @@ class PanguEmbeddedForCausalLM(nn.Module):
         x = x.index_select(0, logits_indices)
         residual = residual.index_select(0, logits_indices)
         x, _ = ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return ops.linear(x, self.lm_head).float()
+
+    @torch.no_grad()
+    def repack_linears(self, pack) -> None:
+        """Replace every projection weight (and the lm_head) by ``pack(weight)``,
+        a device-preferred layout only ``ops.linear`` understands. A tied
+        lm_head gets its own packed copy; the embedding stays plain."""
+        for layer in self.layers:
+            for name in DecoderLayer.LINEARS:
+                setattr(layer, name, nn.Parameter(pack(getattr(layer, name)), requires_grad=False))
+        self.lm_head = nn.Parameter(pack(self.lm_head), requires_grad=False)
 
 
 LlamaForCausalLM = PanguEmbeddedForCausalLM

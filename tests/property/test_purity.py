@@ -72,3 +72,23 @@ def test_core_sources_import_no_clock_randomness_or_device():
                 names = [node.module.split(".")[0]]
             bad = FORBIDDEN.intersection(names)
             assert not bad, f"fnllm/{m}.py imports {bad}"
+
+
+@given(
+    config=engine_configs(),
+    work=st.lists(st.tuples(prompts(), sampling_params()), min_size=1, max_size=5),
+    steps=st.integers(1, 12),
+)
+def test_decode_fast_path_agrees_with_general_path(config, work, steps):
+    from fnllm.schedule import _all_decode, schedule_general
+
+    run = Run(config)
+    for i, (p, sp) in enumerate(work):
+        run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
+    for _ in range(steps):
+        fast = _all_decode(run.state, config)
+        if fast is not None:
+            slow = schedule_general(run.state, config)
+            assert fast[1] == slow[1]
+            assert snapshot(fast[0]) == snapshot(slow[0])
+        run.step()

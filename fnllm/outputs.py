@@ -1,0 +1,37 @@
+"""User-facing results, with vLLM's names and shapes."""
+
+from __future__ import annotations
+
+import attrs
+
+from fnllm.state import TokenLogprobs
+
+
+@attrs.define(kw_only=True)
+class CompletionOutput:
+    """One of a request's ``n`` samples. ``logprobs`` (when asked) holds, per
+    generated token, ``{token_id: logprob}`` for the sampled token and the top ones."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = attrs.field(factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@attrs.define(kw_only=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:
+    """``((sampled, lp), (top1, lp), ...)`` as vLLM's ``{token_id: logprob}``."""
+    return {int(t): float(lp) for t, lp in entry}

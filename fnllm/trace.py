@@ -1,0 +1,234 @@
+"""Traces: record a run, replay it bit for bit through the pure core.
+
+Format (JSON lines, ``"version": 1``), one record per line, in the order
+things happened:
+
+- ``{"type": "header", "version": 1, "config": {...}}``
+- ``{"type": "add", "step": s, "request": {...}}`` (request with its prompt ids and sampling)
+- ``{"type": "abort", "step": s, "request_id": ...}``
+- ``{"type": "finish", "step": s, "request_id": ..., "index": i}`` (a stop string found by the engine)
+- ``{"type": "step", "step": s, "plan": <plan digest>, "state": <state digest after commit>,
+  "n": <rows>, "sampled": [[...], ...], "logprobs": ... | null, "rows": <the plan>}``
+
+``s`` is the engine's step counter when the event happened; replay applies
+an input event with step ``s`` just before step ``s`` is scheduled. Each line is
+flushed as written, so a trace of a run that crashed is readable up to its
+last complete line. Digests are SHA-256 over a canonical text form, so they
+do not depend on Python's hash seed. Replay feeds the events and recorded
+device outputs through ``schedule``/``commit`` and compares digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterator
+
+import attrs
+
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
+from fnllm.schedule import schedule
+from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
+from fnllm.step import commit
+
+VERSION = 1
+
+
+# -- digests -----------------------------------------------------------------------
+
+
+def plan_digest(plan: BatchPlan) -> str:
+    return hashlib.sha256(repr(plan).encode()).hexdigest()[:32]
+
+
+def state_digest(state: EngineState) -> str:
+    """A stable digest of everything that decides the future of a run."""
+    run, pool = state.running, state.pool
+    h = hashlib.sha256()
+    for col in (run.seq_ids, run.request_ids, run.indexes, run.num_computed, run.num_tokens, run.num_output, run.tables):
+        h.update(repr(col).encode())
+    h.update(repr([o[0] if o else None for o in run.outputs]).encode())
+    h.update(repr([(s.seq_id, s.request_id, s.index, s.status.value, s.num_output) for s in state.waiting]).encode())
+    h.update(repr(sorted(state.alive.items())).encode())
+    h.update(repr((state.next_seq_id, state.next_arrival, state.step)).encode())
+    counters = (pool.num_stack, pool.fresh, pool.num_lru, pool.lru_head, pool.lru_tail, len(pool.hash_of))
+    h.update(repr((counters, sorted(pool.ref.items()))).encode())
+    return h.hexdigest()[:32]
+
+
+# -- (de)serialisation ---------------------------------------------------------------
+
+
+def config_to_json(config: EngineConfig) -> dict:
+    return attrs.asdict(config)
+
+
+def config_from_json(d: dict) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(**d["model"]), cache=CacheConfig(**d["cache"]), scheduler=SchedulerConfig(**d["scheduler"])
+    )
+
+
+def request_to_json(req: Request) -> dict:
+    return {
+        "request_id": req.request_id,
+        "prompt_token_ids": list(req.prompt_token_ids),
+        "sampling": attrs.asdict(req.sampling),
+        "priority": req.priority,
+        "extra_keys": list(req.extra_keys),
+    }
+
+
+def request_from_json(d: dict) -> Request:
+    return Request(
+        request_id=d["request_id"],
+        prompt_token_ids=tuple(d["prompt_token_ids"]),
+        sampling=SamplingParams(**d["sampling"]),
+        priority=d.get("priority", 0),
+        extra_keys=tuple(d.get("extra_keys", ())),
+    )
+
+
+def plan_to_json(plan: BatchPlan) -> dict:
+    """The plan without its sampling parameters (those are in the add events)."""
+    return {
+        "seq_ids": list(plan.seq_ids),
+        "request_ids": list(plan.request_ids),
+        "token_ids": [list(t) for t in plan.token_ids],
+        "positions": list(plan.positions),
+        "block_tables": [list(t) for t in plan.block_tables],
+        "num_samples": list(plan.num_samples),
+        "copies": [list(c) for c in plan.copies],
+    }
+
+
+def output_to_json(output: StepOutput) -> dict:
+    lps = None
+    if output.logprobs is not None:
+        lps = [[[list(p) for p in sample] for sample in row] for row in output.logprobs]
+    return {"sampled": [list(s) for s in output.sampled], "logprobs": lps}
+
+
+def output_from_json(d: dict) -> StepOutput:
+    lps = d.get("logprobs")
+    if lps is not None:
+        lps = tuple(tuple(tuple((int(t), float(v)) for t, v in sample) for sample in row) for row in lps)
+    return StepOutput(sampled=tuple(tuple(s) for s in d["sampled"]), logprobs=lps)
+
+
+# -- writing and reading --------------------------------------------------------------------
+
+
+class TraceWriter:
+    """The engine's recorder: appends one flushed JSON line per event."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "w", encoding="utf-8")
+
+    def _write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.flush()
+
+    def start(self, config: EngineConfig) -> None:
+        self._write({"type": "header", "version": VERSION, "config": config_to_json(config)})
+
+    def add(self, step: int, request: Request) -> None:
+        self._write({"type": "add", "step": step, "request": request_to_json(request)})
+
+    def abort(self, step: int, request_id: str) -> None:
+        self._write({"type": "abort", "step": step, "request_id": request_id})
+
+    def finish(self, step: int, request_id: str, index: int) -> None:
+        self._write({"type": "finish", "step": step, "request_id": request_id, "index": index})
+
+    def step(self, plan: BatchPlan, output: StepOutput, state: EngineState) -> None:
+        rec = {"type": "step", "step": plan.step, "plan": plan_digest(plan), "state": state_digest(state), "n": len(plan)}
+        rec.update(output_to_json(output))
+        rec["rows"] = plan_to_json(plan)
+        self._write(rec)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@attrs.frozen
+class Trace:
+    config: EngineConfig
+    events: tuple[dict, ...]
+    truncated: bool = False  # the last line was incomplete (a crashed run)
+
+
+def read_trace(path: str) -> Trace:
+    """Read a trace; an incomplete last line (a crash mid-write) is dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records, truncated = [], False
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k >= len(lines) - 2:
+                truncated = True
+                break
+            raise ValueError(f"{path}: line {k + 1} is not valid JSON")
+    if not records or records[0].get("type") != "header":
+        raise ValueError(f"{path}: not an fnllm trace (no header line)")
+    if records[0].get("version") != VERSION:
+        raise ValueError(f"{path}: trace version {records[0].get('version')} is not supported (expected {VERSION})")
+    return Trace(config=config_from_json(records[0]["config"]), events=tuple(records[1:]), truncated=truncated)
+
+
+# -- replay through the pure core ---------------------------------------------------------------
+
+
+@attrs.frozen
+class ReplayStep:
+    """One replayed step: the plan and the states around it."""
+
+    step: int
+    plan: BatchPlan
+    before: EngineState
+    after: EngineState
+    record: dict
+
+
+def apply_event(state: EngineState, event: dict, config: EngineConfig) -> EngineState:
+    """Apply an input event (add / abort / finish) to ``state``."""
+    kind = event["type"]
+    if kind == "add":
+        out = add_request(state, request_from_json(event["request"]), config)
+        if isinstance(out, Rejection):
+            raise ValueError(f"recorded add of {out.request_id!r} is rejected on replay: {out.reason}")
+        return out
+    if kind == "abort":
+        return abort_request(state, event["request_id"])
+    if kind == "finish":
+        return finish_sequence(state, event["request_id"], event["index"])
+    raise ValueError(f"unknown trace event type {kind!r}")
+
+
+def replay_steps(trace: Trace, config: EngineConfig | None = None) -> Iterator[ReplayStep]:
+    """Re-run the recorded events and device outputs through the pure core,
+    yielding every step (digests are compared by the caller). Input events
+    are applied by their recorded step number, not their place in the file."""
+    config = config or trace.config
+    state = initial_state(config)
+    inputs = [ev for ev in trace.events if ev["type"] != "step"]
+    for ev in trace.events:
+        if ev["type"] != "step":
+            continue
+        for e in [e for e in inputs if e["step"] <= ev["step"]]:
+            state = apply_event(state, e, config)
+        inputs = [e for e in inputs if e["step"] > ev["step"]]
+        before = state
+        mid, plan = schedule(before, config)
+        output = output_from_json(ev)
+        if len(output.sampled) != len(plan) or tuple(map(len, output.sampled)) != plan.num_samples:
+            yield ReplayStep(ev["step"], plan, before, mid, ev)
+            return
+        state, _ = commit(mid, plan, output, config)
+        yield ReplayStep(ev["step"], plan, before, state, ev)
