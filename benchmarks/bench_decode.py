@@ -27,7 +27,6 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 import fnllm.device.executor as executor_mod
-import fnllm.model.pangu as pangu_mod
 from fnllm.device.executor import ModelExecutor
 from fnllm.model.fetch import default_model_path
 from fnllm.state import BatchPlan, SamplingParams
@@ -53,8 +52,6 @@ def fnllm_decode(ex: ModelExecutor, ctx: list[int], steps: int, warmup: int = 2)
     ctx = list(ctx)
     per = -(-(max(ctx) + steps + warmup + 1) // BLOCK)
     tables = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(len(ctx)))
-    for cache in ex.kv_caches:
-        cache.normal_()
     tokens = [random.Random(i).randrange(49152) for i in range(len(ctx))]
     start = 0.0
     for step in range(warmup + steps):
@@ -106,9 +103,20 @@ def hf_decode(model: LlamaForCausalLM, ctx: list[int], steps: int, warmup: int =
 class Timers:
     def __init__(self):
         self.total = defaultdict(float)
+        self._saved = []
+
+    def restore(self) -> None:
+        for owner, name, had, old in reversed(self._saved):
+            if had:
+                setattr(owner, name, old)
+            else:
+                delattr(owner, name)
+        self._saved.clear()
 
     def wrap(self, owner, name: str, label: str) -> None:
         fn = getattr(owner, name)
+        had = name in vars(owner)
+        self._saved.append((owner, name, had, vars(owner).get(name)))
 
         def timed(*a, **k):
             t = time.perf_counter()
@@ -120,31 +128,13 @@ class Timers:
         setattr(owner, name, timed)
 
 
-class _TimedF:
-    """Stands in for torch.nn.functional inside the model, timing F.linear."""
-
-    def __init__(self, timers: Timers):
-        self._timers = timers
-
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
-
-    def linear(self, *a, **k):
-        t = time.perf_counter()
-        out = torch.nn.functional.linear(*a, **k)
-        self._timers.total["linears"] += time.perf_counter() - t
-        return out
-
-
 def breakdown(ex: ModelExecutor, ctx: list[int], steps: int) -> dict:
     """Share of one decode step per category, in milliseconds per step."""
     timers = Timers()
     be = ex.backend
-    saved_f, saved_build, saved_sample = pangu_mod.F, executor_mod.build_host_batch, executor_mod.sample
-    pangu_mod.F = _TimedF(timers)
     timers.wrap(executor_mod, "build_host_batch", "plan_to_tensor")
     timers.wrap(executor_mod, "sample", "sampling")
-    for name, label in (("prepare", "plan_to_tensor"), ("_write_kv", "kv_gather_scatter"),
+    for name, label in (("linear", "linears"), ("prepare", "plan_to_tensor"), ("_write_kv", "kv_gather_scatter"),
                         ("_gather", "kv_gather_scatter"), ("attention", "attention_total"),
                         ("rope_qkv", "norms_rope_act"), ("rms_norm", "norms_rope_act"),
                         ("add_rms_norm", "norms_rope_act"), ("silu_mul", "norms_rope_act")):
@@ -155,11 +145,7 @@ def breakdown(ex: ModelExecutor, ctx: list[int], steps: int) -> dict:
         fnllm_decode(ex, ctx, steps, warmup=0)
         wall = time.perf_counter() - t
     finally:
-        pangu_mod.F, executor_mod.build_host_batch, executor_mod.sample = saved_f, saved_build, saved_sample
-        for name in list(vars(be)):
-            if not name.startswith("_") or name in ("_write_kv", "_gather"):
-                if callable(vars(be)[name]):
-                    delattr(be, name)
+        timers.restore()
     tot = timers.total
     tot["attention_math"] = tot.pop("attention_total", 0.0) - tot["kv_gather_scatter"]
     tot["python_and_other"] = wall - sum(tot.values())
@@ -178,6 +164,8 @@ def main() -> None:
     for dtype in args.dtypes:
         need = sum(-(-(300 + 64) // BLOCK) for _ in range(max(args.batches)))
         ex = ModelExecutor(path, dtype=dtype, device="cpu", num_blocks=need + 8, block_size=BLOCK)
+        for cache in ex.kv_caches:
+            cache.normal_()  # stands for contexts already computed
         ref = None if args.no_reference else load_reference(path, getattr(torch, dtype))
         for batch in args.batches:
             steps = args.steps or (24 if batch == 1 else 12 if batch == 16 else 8)

@@ -46,7 +46,7 @@ class _Track:
             if self.tokenizer is not None:
                 from fnllm.tokenizer import IncrementalDetokenizer
 
-                self.detoks[index] = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
+                self.detoks[index] = IncrementalDetokenizer(self.tokenizer)
         return c
 
     def add_token(self, index: int, token: int, logprobs) -> str | None:

@@ -80,7 +80,7 @@ def _draw(probs: torch.Tensor, rows: list[int], uniforms: list[float]) -> list[i
 
 
 def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
-    lp = torch.log_softmax(logits[rows].float(), -1)
+    lp = torch.log_softmax(_rows(logits, rows).float(), -1)
     chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
     top_v, top_i = torch.topk(lp, max(ks), dim=-1) if max(ks) else (lp[:, :0], lp[:, :0].long())
     top_v, top_i = top_v.tolist(), top_i.tolist()
@@ -88,6 +88,13 @@ def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], ks: list
         ((tok, c),) + tuple(zip(ti[:k], tv[:k]))
         for tok, c, ti, tv, k in zip(tokens, chosen, top_i, top_v, ks)
     ]
+
+
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``logits[rows]`` without a copy when ``rows`` is every row in order."""
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        return logits
+    return logits.index_select(0, torch.tensor(rows, device=logits.device))
 
 
 def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0):
@@ -100,12 +107,12 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0):
     tokens: list[list[int]] = [[0] * r.num_samples for r in reqs]
     greedy = [i for i, r in enumerate(reqs) if r.params.temperature < SAMPLING_EPS]
     if greedy:
-        best = logits[greedy].argmax(-1).tolist()
+        best = _rows(logits, greedy).argmax(-1).tolist()
         for i, t in zip(greedy, best):
             tokens[i] = [t] * reqs[i].num_samples
     rand = [i for i, r in enumerate(reqs) if r.params.temperature >= SAMPLING_EPS]
     if rand:
-        probs = _filtered_probs(logits[rand], [reqs[i].params for i in rand])
+        probs = _filtered_probs(_rows(logits, rand), [reqs[i].params for i in rand])
         slots = [(k, i, j) for k, i in enumerate(rand) for j in range(reqs[i].num_samples)]
         us = [
             stream_uniform(reqs[i].params.seed, base_seed, reqs[i].request_id, reqs[i].sample_index + j, reqs[i].output_pos)

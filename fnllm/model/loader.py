@@ -11,6 +11,7 @@ ever held.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -136,7 +137,25 @@ def load_hf_config(root: Path) -> DecoderConfig:
         raw = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: malformed JSON ({e})") from None
-    return decoder_config_from_dict(raw, str(cfg_path))
+    cfg = decoder_config_from_dict(raw, str(cfg_path))
+    return _with_generation_eos(root, cfg)
+
+
+def _with_generation_eos(root: Path, cfg: DecoderConfig) -> DecoderConfig:
+    """Add the stop ids of ``generation_config.json`` (chat models list their
+    end-of-turn id there) to the config's eos ids."""
+    gen = root / "generation_config.json"
+    if not gen.is_file():
+        return cfg
+    try:
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{gen}: malformed JSON") from None
+    extra = (eos,) if isinstance(eos, int) else tuple(eos or ())
+    if not all(isinstance(t, int) and 0 <= t < cfg.vocab_size for t in extra):
+        raise CheckpointError(f"{gen}: key 'eos_token_id' holds ids outside the vocabulary: {eos!r}")
+    merged = cfg.eos_token_ids + tuple(t for t in extra if t not in cfg.eos_token_ids)
+    return dataclasses.replace(cfg, eos_token_ids=merged)
 
 
 # -- the checkpoint ----------------------------------------------------------------

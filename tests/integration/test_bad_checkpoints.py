@@ -65,6 +65,11 @@ def test_good_copy_validates(ckpt):
     assert loader.open_checkpoint(ckpt).config.num_layers == 2
 
 
+def test_generation_config_eos_merged(ckpt):
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert loader.load_config(ckpt).eos_token_ids == (2, 7)
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load(tmp_path / "nowhere")

@@ -82,6 +82,19 @@ def test_mixed_batch(setup):
     check(ex.compute_logits(make_plan(rows)), hf, [(b, b.computed - 1), (a, a.computed - 1), (c, c.computed - 1)])
 
 
+def test_many_decode_rows_grouped_by_length(ckpt):
+    """40 decode rows of lengths 3..80: the torch backend splits them into
+    length groups; every row must still match the reference."""
+    path, hf = ckpt
+    ex = ModelExecutor(path, device="cpu", num_blocks=900, block_size=BLOCK)
+    drv = Driver(900, BLOCK, seed=4)
+    seqs = [Seq(tokens(3 + (i * 37) % 78, 100 + i)) for i in range(40)]
+    ex.compute_logits(make_plan([drv.row(s, len(s.tokens) - 1, num_samples=0) for s in seqs]))
+    logits = ex.compute_logits(make_plan([drv.row(s, 1) for s in seqs]))
+    assert logits.shape == (40, 256)
+    check(logits, hf, [(s, len(s.tokens) - 1) for s in seqs])
+
+
 def test_copy_on_write(setup):
     ex, hf, drv = setup
     parent = Seq(tokens(30, 7))
