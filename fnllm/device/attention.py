@@ -33,8 +33,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks npu, then cuda, then cpu."""
     if name == "auto":
         if npu_available():
-            importlib.import_module("torch_npu")
-            if torch.npu.is_available():  # type: ignore[attr-defined]
+            from fnllm.device.npu import npu_device_available
+
+            if npu_device_available():
                 return torch.device("npu")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda", "npu"):

@@ -40,6 +40,15 @@ NPU_BLOCK_SIZE = 128
 MASK_SIZE = 2048  # sparse_mode=3 takes a fixed 2048x2048 causal mask
 
 
+def npu_device_available() -> bool:
+    """Whether an NPU can be used (imports torch_npu, which registers torch.npu)."""
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError:
+        return False
+    return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+
+
 @dataclass
 class NpuMeta:
     positions: torch.Tensor  # int64 [T]

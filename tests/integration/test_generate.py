@@ -260,3 +260,27 @@ def test_abort_during_prefill_and_decode(llm, prompts, when):
     while engine.has_unfinished_requests():
         assert all(o.request_id != "a" for o in engine.step())
     assert engine.state.pool.num_free == 64
+
+
+def test_record_and_replay_with_the_device(llm, prompts, tmp_path):
+    """A recorded batch with chunked prefill and preemption replays bit for bit,
+    through the pure core and re-executed on the model."""
+    from fnllm.replay import state_at, verify, verify_device
+    from fnllm.trace import read_trace, state_digest
+
+    path = tmp_path / "run.jsonl"
+    engine = engine_with(llm, num_blocks=8, budget=24, caching=True, trace=str(path))
+    sp = [GREEDY, SamplingParams(temperature=0.8, seed=7, max_tokens=16), GREEDY]
+    for k, (p, s) in enumerate(zip(prompts[:3], sp)):
+        engine.add_request(f"q{k}", {"prompt_token_ids": p}, s)
+    live = {}
+    while engine.has_unfinished_requests():
+        engine.step()
+        live[engine.state.step - 1] = state_digest(engine.state)
+    engine.recorder.close()
+    trace = read_trace(str(path))
+    assert _preempted(path) > 0
+    assert verify(trace) is None
+    assert verify_device(trace, llm.llm_engine.executor) is None
+    mid = len(live) // 2
+    assert state_digest(state_at(trace, mid)) == live[mid]
