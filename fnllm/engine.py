@@ -19,9 +19,8 @@ import attrs
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.outputs import CompletionOutput, RequestOutput, logprob_dict
-from fnllm.schedule import schedule
-from fnllm.state import BatchPlan, EngineState, Outputs, Rejection, Request, SamplingParams, StepOutput
-from fnllm.step import Executor, commit
+from fnllm.state import BatchPlan, EngineState, Executor, Outputs, Rejection, Request, SamplingParams
+from fnllm.step import step as core_step
 
 PromptType = str | Sequence[int] | dict
 
@@ -181,10 +180,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step; the outputs of every request it touched."""
         results = self._drain_aborted()
-        now = self._clock()
-        state, plan = schedule(self.state, self.config, now=now)
-        output = self.executor.execute(plan) if len(plan) else StepOutput()
-        state, news = commit(state, plan, output, self.config)
+        state, plan, output, news = core_step(self.state, self.executor, self.config, now=self._clock())
         self.state, self.last_plan = state, plan
         if self.recorder is not None:
             self.recorder.step(plan, output, state)

@@ -20,8 +20,8 @@ from fnllm.blocks import free_blocks
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import initial_state
 from fnllm.schedule import schedule
-from fnllm.state import EngineState, StepOutput
-from fnllm.step import Executor, commit
+from fnllm.state import EngineState, Executor, StepOutput
+from fnllm.step import commit
 from fnllm.trace import Trace, apply_event, plan_digest, plan_to_json, replay_steps, state_digest
 
 

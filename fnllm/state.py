@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import attrs
 from immutables import Map
@@ -308,6 +308,13 @@ class StepOutput:
 
     sampled: tuple[tuple[int, ...], ...] = ()
     logprobs: tuple[tuple[TokenLogprobs, ...], ...] | None = None
+
+
+class Executor(Protocol):
+    """The device contract: run a plan (its copies first, then one forward)
+    and return what it sampled. Keeps no per-request state beyond KV blocks."""
+
+    def execute(self, plan: BatchPlan) -> StepOutput: ...
 
 
 @attrs.frozen(kw_only=True)

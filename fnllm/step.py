@@ -13,18 +13,13 @@ Rows whose sequence is gone (aborted between schedule and commit) are skipped.
 from __future__ import annotations
 
 from itertools import chain
-from typing import Protocol
 
 import attrs
 
 from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
 from fnllm.schedule import schedule
-from fnllm.state import COLUMNS, BatchPlan, EngineState, InvariantError, Outputs, Running, StepOutput, seq_tokens
-
-
-class Executor(Protocol):
-    def execute(self, plan: BatchPlan) -> StepOutput: ...
+from fnllm.state import COLUMNS, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, seq_tokens
 
 
 def _check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:

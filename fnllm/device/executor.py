@@ -11,7 +11,6 @@ keeps no per-request state: everything a step needs is in its plan.
 from __future__ import annotations
 
 import os
-from typing import Protocol
 
 import torch
 
@@ -20,11 +19,9 @@ from fnllm.device.batch import HostBatch, build_host_batch
 from fnllm.device.sampling import SampleRequest, sample
 from fnllm.model.loader import load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
-from fnllm.state import BatchPlan, StepOutput
+from fnllm.state import BatchPlan, Executor, StepOutput
 
-
-class Executor(Protocol):
-    def execute(self, plan: BatchPlan) -> StepOutput: ...
+__all__ = ["Executor", "ModelExecutor", "num_blocks_for_memory"]
 
 
 def num_blocks_for_memory(memory_bytes: int, model_config: DecoderConfig, block_size: int, dtype="float32") -> int:

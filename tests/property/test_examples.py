@@ -6,7 +6,7 @@ import attrs
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from fnllm.lifecycle import abort_request
-from fnllm.state import Rejection, Request, SamplingParams
+from fnllm.state import Request, SamplingParams
 from tests.property.invariants import Run, snapshot
 
 CFG = EngineConfig(
