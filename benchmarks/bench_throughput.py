@@ -34,7 +34,7 @@ def run_fnllm(path, dtype, prompts, outs, args) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(str(path), dtype=dtype, device="cpu", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_memory)
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_memory, trace=args.trace)
     load = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
     t0 = time.perf_counter()
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-memory", type=int, default=1 << 30)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--trace", default=None, help="record a replay trace while measuring (its overhead shows in fnllm's figure)")
     args = ap.parse_args()
     from fnllm.model.fetch import default_model_path
 
@@ -81,6 +82,7 @@ def main() -> None:
         "model": path.name, "dtype": args.dtype, "num_prompts": args.num_prompts,
         "useful_tokens": sum(outs), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "fnllm": run_fnllm(path, args.dtype, prompts, outs, args),
+        "recording_trace": args.trace is not None,
     }
     if not args.skip_transformers:
         result["transformers"] = run_transformers(path, args.dtype, prompts, outs, args.batch)
