@@ -37,12 +37,113 @@ def run_fnllm(path, dtype, prompts, outs, args) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_memory, trace=args.trace)
     load = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
+    prof = StepProfiler(llm) if args.profile else None
     t0 = time.perf_counter()
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     wall = time.perf_counter() - t0
     got = sum(len(r.outputs[0].token_ids) for r in res)
     assert got == sum(outs), (got, sum(outs))
-    return {"tokens_per_s": round(got / wall, 1), "wall_s": round(wall, 2), "load_s": round(load, 2)}
+    out = {"tokens_per_s": round(got / wall, 1), "wall_s": round(wall, 2), "load_s": round(load, 2)}
+    if prof is not None:
+        prof.restore()
+        out["profile"] = prof.report(wall, args.max_num_seqs)
+    return out
+
+
+class StepProfiler:
+    """Times the parts of every engine step by wrapping functions from the
+    outside (the engine and the core are not touched): ``schedule`` and
+    ``commit`` (as ``fnllm.step`` calls them), the executor's ``execute``,
+    ``forward``, ``build_host_batch``, ``sample`` and ``copy_blocks``, and
+    ``LLMEngine.step`` itself. The engine shell is ``LLMEngine.step`` minus
+    schedule, execute and commit (output absorption, detokenization, trace
+    recording); the executor's rest is ``execute`` minus its timed parts
+    (building sample requests, packing the step output)."""
+
+    PARTS = ("schedule", "commit", "execute", "forward", "host_batch", "sample", "copy_blocks", "engine_step")
+
+    def __init__(self, llm):
+        import fnllm.device.executor as exmod
+        import fnllm.step as stepmod
+
+        self.steps: list[dict] = []
+        self.cur: dict = {}
+        self._undo = []
+        ex = llm.llm_engine.executor
+        engine = llm.llm_engine
+        self._wrap(stepmod, "schedule", "schedule", plan_result=True)
+        self._wrap(stepmod, "commit", "commit")
+        self._wrap(exmod, "build_host_batch", "host_batch")
+        self._wrap(exmod, "sample", "sample")
+        self._wrap(ex, "execute", "execute")
+        self._wrap(ex, "forward", "forward")
+        self._wrap(ex, "copy_blocks", "copy_blocks")
+        self._wrap(engine, "step", "engine_step", closes_step=True)
+
+    def _wrap(self, owner, name, key, plan_result=False, closes_step=False):
+        fn = getattr(owner, name)
+        had = name in vars(owner)
+        cur = self
+
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            r = fn(*a, **kw)
+            cur.cur[key] = cur.cur.get(key, 0.0) + time.perf_counter() - t
+            if plan_result:
+                plan = r[1]
+                cur.cur["rows"] = len(plan)
+                cur.cur["tokens"] = sum(map(len, plan.token_ids))
+            if closes_step:
+                cur.steps.append(cur.cur)
+                cur.cur = {}
+            return r
+
+        setattr(owner, name, wrapper)
+        self._undo.append((owner, name, fn, had))
+
+    def restore(self):
+        for owner, name, fn, had in reversed(self._undo):
+            if had:
+                setattr(owner, name, fn)
+            else:
+                delattr(owner, name)
+
+    @staticmethod
+    def _summary(steps: list[dict]) -> dict:
+        tot = {k: sum(s.get(k, 0.0) for s in steps) for k in StepProfiler.PARTS}
+        step = tot["engine_step"] or 1e-12
+        timed_ex = tot["forward"] + tot["host_batch"] + tot["sample"] + tot["copy_blocks"]
+        parts = {
+            "executor_forward": tot["forward"],
+            "sampling": tot["sample"],
+            "host_batch_building": tot["host_batch"],
+            "copy_blocks": tot["copy_blocks"],
+            "executor_rest": tot["execute"] - timed_ex,
+            "schedule": tot["schedule"],
+            "commit": tot["commit"],
+            "engine_shell": tot["engine_step"] - tot["schedule"] - tot["commit"] - tot["execute"],
+        }
+        n = max(len(steps), 1)
+        return {
+            "steps": len(steps),
+            "tokens": sum(s.get("tokens", 0) for s in steps),
+            "step_ms_mean": round(step / n * 1e3, 3),
+            "ms_per_step": {k: round(v / n * 1e3, 3) for k, v in parts.items()},
+            "share_pct": {k: round(100 * v / step, 2) for k, v in parts.items()},
+            "scheduler_share_pct": round(100 * (tot["schedule"] + tot["commit"]) / step, 3),
+        }
+
+    def report(self, wall: float, batch: int) -> dict:
+        steps = self.steps
+        full = [s for s in steps if s.get("rows") == batch and s.get("tokens") == batch]
+        return {
+            "method": "timing wrappers around schedule, commit, execute, forward, build_host_batch, sample, "
+                      "copy_blocks and LLMEngine.step, installed by the benchmark (see StepProfiler)",
+            "wall_in_engine_step_pct": round(100 * sum(s.get("engine_step", 0) for s in steps) / wall, 2),
+            "all_steps": self._summary(steps),
+            f"pure_decode_steps_at_batch_{batch}": self._summary(full),
+            "prefill_or_mixed_steps": self._summary([s for s in steps if s.get("tokens", 0) > s.get("rows", 0)]),
+        }
 
 
 def run_transformers(path, dtype, prompts, outs, batch: int) -> dict:
@@ -71,6 +172,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-memory", type=int, default=1 << 30)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="do not time the parts of each step (schedule, commit, forward, sampling, ...)")
     ap.add_argument("--trace", default=None, help="record a replay trace while measuring (its overhead shows in fnllm's figure)")
     args = ap.parse_args()
     from fnllm.model.fetch import default_model_path

@@ -7,9 +7,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+stamp=.venv/.fnllm-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[test]" 2> >(grep -v -e WARNING -e BuildBackendWarning >&2 || true)
+  echo "$want" > "$stamp"
+fi
 if [ "${FNLLM_SKIP_MODEL:-0}" != "1" ] && [ -f fnllm/model/fetch.py ]; then
   .venv/bin/python -m fnllm.model.fetch
 fi

@@ -1,0 +1,149 @@
+"""Batch-1 latency: time to first token (TTFT) and time per output token (TPOT).
+
+fnllm goes through ``LLM`` -> ``LLMEngine.step`` (the whole engine: schedule,
+execute, commit, detokenization); the yardstick is transformers' ``generate``
+with the same weights (the demo SmolLM2 GGUF, dequantized) and dtype, in the
+same process. Greedy, ``ignore_eos``.
+
+- TTFT: a fresh 256-token prompt (random ids, never seen before, so no prefix
+  cache hit) to its first token. fnllm: wall time of the first ``step()``
+  after ``add_request``; transformers: ``generate(max_new_tokens=1)``.
+- TPOT: after that prompt, the mean time of each of the next ``--tokens``
+  tokens. fnllm: per decode ``step()``; transformers:
+  ``(generate(N+1) - generate(1)) / N`` on the same prompt.
+
+Each figure is the median over ``--repeats`` runs (fresh prompts each time).
+Also reported: peak resident memory (``ru_maxrss``) after fnllm's part (before
+transformers is loaded) and at the end, and the KV cache budget: configured
+bytes, bytes of the allocated KV tensors, blocks in the pool, and the peak
+number of blocks held by live sequences.
+
+    python benchmarks/bench_latency.py [--dtype bfloat16|float32] [--prompt-len 256] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import time
+
+import torch
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def run_fnllm(path, args, prompts) -> dict:
+    from fnllm.llm import LLM
+    from fnllm.state import SamplingParams
+
+    llm = LLM(str(path), dtype=args.dtype, device="cpu", kv_cache_memory=args.kv_memory)
+    engine = llm.llm_engine
+    ex = engine.executor
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens + 1, ignore_eos=True)
+    ttft, tpot, peak_used = [], [], 0
+    warm = prompts_for(1, args.prompt_len, ex.vocab_size, seed=999)[0]
+    for k, p in enumerate([warm] + prompts):  # the first run warms up and is not counted
+        engine.add_request(f"lat{k}", {"prompt_token_ids": p}, params)
+        t0 = time.perf_counter()
+        outs = engine.step()
+        t1 = time.perf_counter()
+        assert outs and len(outs[0].outputs[0].token_ids) == 1, "the prompt did not finish in one step"
+        steps = []
+        while engine.has_unfinished_requests():
+            peak_used = max(peak_used, engine.state.pool.num_blocks - engine.state.pool.num_free)
+            s = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - s)
+        if k:
+            ttft.append(t1 - t0)
+            tpot.append(sum(steps) / len(steps))
+    kv_bytes = sum(c.numel() * c.element_size() for c in ex.kv_caches)
+    return {
+        "ttft_ms": round(statistics.median(ttft) * 1e3, 2),
+        "tpot_ms": round(statistics.median(tpot) * 1e3, 2),
+        "ttft_ms_all": [round(x * 1e3, 1) for x in ttft],
+        "tpot_ms_all": [round(x * 1e3, 2) for x in tpot],
+        "peak_rss_mib": peak_rss_mib(),
+        "kv_cache": {
+            "configured_bytes": args.kv_memory,
+            "allocated_bytes": kv_bytes,
+            "within_budget": kv_bytes <= args.kv_memory,
+            "num_blocks": ex.num_blocks,
+            "block_size": ex.block_size,
+            "peak_blocks_in_use": peak_used,
+            "peak_bytes_in_use": peak_used * kv_bytes // ex.num_blocks,
+        },
+    }
+
+
+def run_transformers(path, args, prompts) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=getattr(torch, args.dtype)).eval()
+
+    def gen(p, n):
+        ids = torch.tensor([p])
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    ttft, tpot = [], []
+    warm = prompts_for(1, args.prompt_len, 49152, seed=999)[0]
+    with torch.inference_mode():
+        gen(warm, 4)
+        for p in prompts:
+            t1 = gen(p, 1)
+            tn = gen(p, args.tokens + 1)
+            ttft.append(t1)
+            tpot.append((tn - t1) / args.tokens)
+    return {
+        "ttft_ms": round(statistics.median(ttft) * 1e3, 2),
+        "tpot_ms": round(statistics.median(tpot) * 1e3, 2),
+        "ttft_ms_all": [round(x * 1e3, 1) for x in ttft],
+        "tpot_ms_all": [round(x * 1e3, 2) for x in tpot],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=64, help="output tokens timed after the first")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kv-memory", type=int, default=256 << 20)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    from fnllm.model.fetch import default_model_path
+
+    path = default_model_path()
+    prompts = prompts_for(args.repeats, args.prompt_len, 49152, seed=1)
+    result = {
+        "benchmark": "batch-1 latency (TTFT for a fresh prompt, TPOT over the following tokens; medians)",
+        "model": path.name, "dtype": args.dtype, "prompt_len": args.prompt_len, "tokens": args.tokens,
+        "repeats": args.repeats, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "fnllm": run_fnllm(path, args, prompts),
+    }
+    if not args.skip_transformers:
+        result["transformers"] = run_transformers(path, args, prompts)
+        result["ratio_ttft"] = round(result["transformers"]["ttft_ms"] / result["fnllm"]["ttft_ms"], 2)
+        result["ratio_tpot"] = round(result["transformers"]["tpot_ms"] / result["fnllm"]["tpot_ms"], 2)
+        result["note"] = "ratio_* = transformers time / fnllm time (> 1: fnllm faster)"
+    result["peak_rss_mib_end"] = peak_rss_mib()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
