@@ -27,12 +27,10 @@ _ROOT = bytes(32)
 
 def hash_block(parent: bytes | None, tokens: Sequence[int], extra: tuple = ()) -> bytes:
     """Chained, collision-resistant name of a full block's content."""
-    h = hashlib.sha256(parent or _ROOT)
-    h.update(len(tokens).to_bytes(4, "little"))
-    h.update(array("q", tokens).tobytes())
+    data = (parent or _ROOT) + len(tokens).to_bytes(4, "little") + array("q", tokens).tobytes()
     if extra:
-        h.update(repr(extra).encode())
-    return h.digest()
+        data += repr(extra).encode()
+    return hashlib.sha256(data).digest()
 
 
 def chain_hashes(
