@@ -2,8 +2,9 @@
 
 fnllm goes through ``LLM`` -> ``LLMEngine.step`` (the whole engine: schedule,
 execute, commit, detokenization); the yardstick is transformers' ``generate``
-with the same weights (the demo SmolLM2 GGUF, dequantized) and dtype, in the
-same process. Greedy, ``ignore_eos``.
+with the same weights (the demo SmolLM2 GGUF dequantized into dense tensors;
+``--reference gguf``: transformers' own GGUF path, which keeps them packed)
+and dtype, in the same process. Greedy, ``ignore_eos``.
 
 - TTFT: a fresh 256-token prompt (random ids, never seen before, so no prefix
   cache hit) to its first token. fnllm: wall time of the first ``step()``
@@ -88,10 +89,9 @@ def run_fnllm(path, args, prompts) -> dict:
 
 
 def run_transformers(path, args, prompts) -> dict:
-    from transformers import AutoModelForCausalLM
+    from bench_throughput import load_transformers
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=getattr(torch, args.dtype)).eval()
+    model = load_transformers(path, args.dtype, args.reference)
 
     def gen(p, n):
         ids = torch.tensor([p])
@@ -114,6 +114,7 @@ def run_transformers(path, args, prompts) -> dict:
         "tpot_ms": round(statistics.median(tpot) * 1e3, 2),
         "ttft_ms_all": [round(x * 1e3, 1) for x in ttft],
         "tpot_ms_all": [round(x * 1e3, 2) for x in tpot],
+        "weights": args.reference,
     }
 
 
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kv-memory", type=int, default=256 << 20)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--reference", default="dense", choices=("dense", "gguf"),
+                    help="transformers' weights: dense dequantized tensors in --dtype (default) or GGUF-packed")
     args = ap.parse_args()
     from fnllm.model.fetch import default_model_path
 

@@ -4,10 +4,18 @@ The workload: 64 prompts of random token ids, prompt lengths uniform in
 16..256, output lengths uniform in 32..128, greedy, ``ignore_eos``, seed 0.
 transformers runs static batches (default: one batch of 64, left padding)
 to the longest requested output; only the tokens each request asked for
-count as useful. Same weights (the demo SmolLM2 GGUF, dequantized) and
-dtype, in one process. Prints JSON with both throughputs and the ratio.
+count as useful. Same weights (the demo SmolLM2 GGUF dequantized into dense
+tensors; ``--reference gguf``: transformers' own GGUF path, which keeps them
+packed and computes in float32) and dtype, in one process. Prints JSON with
+both throughputs and the ratio, and (unless ``--no-profile``) where fnllm's
+step time goes: executor forward, sampling, host batch building, schedule,
+commit, engine shell (``StepProfiler``: wrappers installed by this script;
+the engine and the core are not touched), overall, for the pure decode
+steps at full batch and for the prefill/mixed steps. ``scheduler_share_pct``
+is schedule + commit over step time.
 
-    python benchmarks/bench_throughput.py [--dtype bfloat16|float32] [--num-prompts 64]
+    python benchmarks/bench_throughput.py [--dtype bfloat16|float32] [--num-prompts 64] [--skip-transformers]
+        [--reference dense|gguf] [--trace FILE] [--no-profile]
 """
 
 from __future__ import annotations
@@ -146,10 +154,22 @@ class StepProfiler:
         }
 
 
-def run_transformers(path, dtype, prompts, outs, batch: int) -> dict:
+def load_transformers(path, dtype: str, reference: str):
+    """``dense``: LlamaForCausalLM with the GGUF dequantized into plain ``dtype``
+    tensors (the weights fnllm runs); ``gguf``: ``from_pretrained(gguf_file=)``,
+    which in transformers 5.x keeps the weights packed (Q4_1) and computes in
+    float32 whatever ``dtype`` says."""
+    if reference == "dense":
+        from bench_decode import load_reference
+
+        return load_reference(path, getattr(torch, dtype))
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
+
+
+def run_transformers(path, dtype, prompts, outs, batch: int, reference: str = "dense") -> dict:
+    model = load_transformers(path, dtype, reference)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for k in range(0, len(prompts), batch):
@@ -160,7 +180,8 @@ def run_transformers(path, dtype, prompts, outs, batch: int) -> dict:
             model.generate(ids, attention_mask=mask, max_new_tokens=max(ms), min_new_tokens=max(ms),
                            do_sample=False, pad_token_id=0)
     wall = time.perf_counter() - t0
-    return {"tokens_per_s": round(sum(outs) / wall, 1), "wall_s": round(wall, 2), "static_batch": batch}
+    return {"tokens_per_s": round(sum(outs) / wall, 1), "wall_s": round(wall, 2), "static_batch": batch,
+            "weights": reference}
 
 
 def main() -> None:
@@ -172,6 +193,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-memory", type=int, default=1 << 30)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--reference", default="dense", choices=("dense", "gguf"),
+                    help="transformers' weights: dense dequantized tensors in --dtype (default) or GGUF-packed")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="do not time the parts of each step (schedule, commit, forward, sampling, ...)")
     ap.add_argument("--trace", default=None, help="record a replay trace while measuring (its overhead shows in fnllm's figure)")
@@ -188,7 +211,7 @@ def main() -> None:
         "recording_trace": args.trace is not None,
     }
     if not args.skip_transformers:
-        result["transformers"] = run_transformers(path, args.dtype, prompts, outs, args.batch)
+        result["transformers"] = run_transformers(path, args.dtype, prompts, outs, args.batch, args.reference)
         result["ratio"] = round(result["fnllm"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 2)
     print(json.dumps(result, indent=2))
 
