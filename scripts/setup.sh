@@ -15,6 +15,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[test]" 2> >(grep -v -e WARNING -e BuildBackendWarning >&2 || true)
   echo "$want" > "$stamp"
 fi
+# build the fused CPU kernels once (cached by torch in ~/.cache/torch_extensions;
+# without a compiler fnllm falls back to plain torch ops and says so)
+.venv/bin/python -m fnllm.device.cpu_kernels
 if [ "${FNLLM_SKIP_MODEL:-0}" != "1" ] && [ -f fnllm/model/fetch.py ]; then
   .venv/bin/python -m fnllm.model.fetch
 fi

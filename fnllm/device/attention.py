@@ -8,7 +8,8 @@ shared by all layers), ``rms_norm``, ``add_rms_norm``, ``silu_mul``,
 row's cached context plus its new tokens, causally). A layer's KV cache is
 ``(2, num_blocks, block_size, num_kv_heads, head_size)``.
 
-Backends: ``torch`` (plain torch: CPU and CUDA) and ``npu`` (torch_npu fused
+Backends: ``torch`` (plain torch: CPU and CUDA; on CPU with fused C++
+kernels when they build, :mod:`fnllm.device.cpu_fused`) and ``npu`` (torch_npu fused
 operators; torch_npu is imported only when that backend is built).
 """
 
@@ -62,6 +63,14 @@ def get_attn_backend(
     if name == "torch":
         from fnllm.device.cpu import TorchBackend
 
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            from fnllm.device import cpu_kernels
+
+            kernels = cpu_kernels.load()
+            if kernels is not None:
+                from fnllm.device.cpu_fused import FusedCpuBackend
+
+                return FusedCpuBackend(cfg, block_size=block_size, device=device, dtype=dtype, kernels=kernels)
         return TorchBackend(cfg, block_size=block_size, device=device, dtype=dtype)
     if name == "npu":
         from fnllm.device.npu import NpuBackend

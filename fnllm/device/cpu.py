@@ -91,10 +91,11 @@ class PrefillMeta:
 class TorchMeta:
     num_tokens: int
     slot_mapping: torch.Tensor
-    cos: torch.Tensor  # [T, 1, d]: (cos, cos)
-    sin: torch.Tensor  # [T, 1, d]: (-sin, sin)
+    cos: torch.Tensor | None  # [T, 1, d]: (cos, cos)
+    sin: torch.Tensor | None  # [T, 1, d]: (-sin, sin)
     decodes: list[DecodeMeta] = field(default_factory=list)
     prefills: list[PrefillMeta] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # int64 [T] (the fused backend rotates by position)
 
 
 class TorchBackend:

@@ -112,7 +112,7 @@ class ModelExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: HostBatch) -> torch.Tensor:
-        """The logits ``[len(batch.sample_rows), vocab]`` (float32)."""
+        """The logits ``[len(batch.sample_rows), vocab]``, in the model's dtype."""
         meta = self.backend.prepare(batch, self.model.cos_sin_cache)
         input_ids = torch.from_numpy(batch.input_ids).to(self.device)
         logits_indices = torch.from_numpy(batch.logits_indices).to(self.device)
@@ -120,11 +120,11 @@ class ModelExecutor:
 
     def compute_logits(self, plan: BatchPlan) -> torch.Tensor:
         """Run ``plan`` (copies and KV writes included) and return the logits of
-        its sampling rows, in row order, without sampling."""
+        its sampling rows, in row order (float32), without sampling."""
         self.copy_blocks(plan.copies)
         if not len(plan):
             return torch.empty((0, self.vocab_size))
-        return self.forward(build_host_batch(plan, self.block_size, self.vocab_size))
+        return self.forward(build_host_batch(plan, self.block_size, self.vocab_size)).float()
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         self.copy_blocks(plan.copies)

@@ -137,17 +137,18 @@ class PanguEmbeddedForCausalLM(nn.Module):
 
     def forward(self, input_ids, kv_caches, meta, ops, logits_indices) -> torch.Tensor:
         """Run ``T`` tokens; return logits ``[len(logits_indices), vocab]``
-        (float32) for the selected token rows."""
+        for the selected token rows, in the model's dtype (sampling converts
+        only the rows that need it: a greedy argmax is the same either way)."""
         x = F.embedding(input_ids, self.embed_tokens)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, kv_cache, meta, ops)
         if logits_indices is None or logits_indices.numel() == 0:
-            return x.new_empty((0, self.cfg.vocab_size), dtype=torch.float32)
+            return x.new_empty((0, self.cfg.vocab_size))
         x = x.index_select(0, logits_indices)
         residual = residual.index_select(0, logits_indices)
         x, _ = ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
-        return ops.linear(x, self.lm_head).float()
+        return ops.linear(x, self.lm_head)
 
     @torch.no_grad()
     def repack_linears(self, pack) -> None:

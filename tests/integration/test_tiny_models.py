@@ -1,13 +1,15 @@
 """fnllm's forward against transformers' Llama on tiny random checkpoints:
 PanguEmbedded (q/k/v/o bias, RoPE 1.6e7, GQA, untied, two shards) and Llama
 (no bias, tied embeddings). Logits within fp32 tolerance for full prefill,
-chunked prefill, decode from paged KV, mixed batches and copy-on-write."""
+chunked prefill, decode from paged KV, mixed batches and copy-on-write, on
+both CPU paths of the torch backend: the fused kernels and eager ATen."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fnllm.device import cpu_kernels
 from fnllm.device.executor import ModelExecutor
 from integration_support import Driver, Seq, make_plan, reference_logits, tokens
 
@@ -21,10 +23,15 @@ def ckpt(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
-@pytest.fixture
-def setup(ckpt):
+@pytest.fixture(params=["fused", "eager"])
+def setup(ckpt, request, monkeypatch):
+    if request.param == "eager":
+        monkeypatch.setenv("FNLLM_CPU_KERNELS", "0")
+    elif cpu_kernels.load() is None:
+        pytest.skip("the fused CPU kernels did not build here")
     path, hf = ckpt
     ex = ModelExecutor(path, dtype="float32", device="cpu", num_blocks=NUM_BLOCKS, block_size=BLOCK)
+    assert (type(ex.backend).__name__ == "FusedCpuBackend") == (request.param == "fused")
     return ex, hf, Driver(NUM_BLOCKS, BLOCK, seed=3)
 
 

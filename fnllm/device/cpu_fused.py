@@ -1,0 +1,73 @@
+"""The torch backend on CPU with fused kernels (:mod:`fnllm.device.cpu_kernels`).
+
+Same functions as :class:`~fnllm.device.cpu.TorchBackend`, fewer passes:
+``add_rms_norm``, ``silu_mul`` and the rotary are one kernel call each
+instead of 3-8 ATen ops, and decode rows attend with a paged kernel that
+reads each row's keys and values in place through its block table (one task
+per row and KV head, float32 softmax), so nothing is gathered into a buffer.
+Prompt chunks keep the eager path (SDPA). Selected by ``get_attn_backend``
+for ``torch`` on CPU in float32/bfloat16 when the kernels build;
+``FNLLM_CPU_KERNELS=0`` keeps the eager backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fnllm.device.batch import HostBatch
+from fnllm.device.cpu import TorchBackend, TorchMeta
+
+
+@dataclass
+class PagedDecodeMeta:
+    token_idx: torch.Tensor | None  # flat token index of each decode row; None: all tokens, in order
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    seq_lens: torch.Tensor  # int32 [B]
+
+
+class FusedCpuBackend(TorchBackend):
+    name = "torch"
+
+    def __init__(self, cfg, *, block_size: int, device, dtype, kernels):
+        super().__init__(cfg, block_size=block_size, device=device, dtype=dtype)
+        self.k = kernels
+        self._cos_sin: torch.Tensor | None = None
+
+    def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:
+        if self._cos_sin is None:
+            self._cos_sin = cos_sin_cache.float().contiguous()
+        meta = TorchMeta(num_tokens=batch.num_tokens, slot_mapping=self._tensor(batch.slot_mapping), cos=None, sin=None,
+                         positions=self._tensor(batch.positions.astype(np.int64)))
+        rows = np.nonzero(batch.query_lens == 1)[0]
+        if len(rows):
+            nbm = -(-int(batch.seq_lens[rows].max()) // self.block_size)
+            all_tokens = len(rows) == batch.num_tokens
+            meta.decodes.append(PagedDecodeMeta(
+                token_idx=None if all_tokens else self._tensor(batch.query_start_loc[rows].astype(np.int64)),
+                block_tables=self._tensor(batch.block_tables[rows, :nbm].astype(np.int32)),
+                seq_lens=self._tensor(batch.seq_lens[rows].astype(np.int32)),
+            ))
+        for i in np.nonzero(batch.query_lens != 1)[0]:
+            meta.prefills.append(self._prefill_meta(batch, int(i)))
+        return meta
+
+    def rms_norm(self, x, weight, eps):
+        return self.k.add_rms_norm(None, x.contiguous(), weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self.k.add_rms_norm(x.contiguous(), residual, weight, eps), residual
+
+    def silu_mul(self, gate_up):
+        return self.k.silu_mul(gate_up.contiguous())
+
+    def rope_qkv(self, qkv, meta: TorchMeta):
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = qkv.contiguous()
+        q, k = self.k.rope(qkv, meta.positions, self._cos_sin, h, kvh)
+        return q, k, qkv[:, (h + kvh) * d :].view(-1, kvh, d)
+
+    def _decode(self, q, kv_cache, m: PagedDecodeMeta):
+        return self.k.paged_decode(q.contiguous(), kv_cache, m.block_tables, m.seq_lens, self.scale)

@@ -1,0 +1,290 @@
+// Fused CPU kernels for the torch backend (fnllm/device/cpu_kernels.py).
+//
+// Each kernel does in one pass what the eager path does in several ATen
+// calls: at batch 1 a decode step is dominated by per-op overhead, and at
+// large batch by the copy of every row's KV blocks into a gather buffer.
+// All arithmetic is float32; inputs and outputs are float32 or bfloat16.
+// Layouts (contiguous): kv_cache [2, num_blocks, block_size, kv_heads, d],
+// block_tables [B, max_blocks] int32, seq_lens [B] int32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline void to_float(const float* x, float* out, int64_t n) { std::memcpy(out, x, n * sizeof(float)); }
+
+inline void to_float(const c10::BFloat16* x, float* out, int64_t n) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(x);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(raw[i]) << 16;
+}
+
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }
+
+// s[j] = q . k_j for n rows of length D, ``stride`` floats apart.
+inline void dots(const float* __restrict q, const float* __restrict rows, float* __restrict s, int64_t n, int64_t D,
+                 int64_t stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kr = rows + j * stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
+    s[j] = dot;
+  }
+}
+
+// acc += sum_j p[j] * rows[j] for n rows of length D, ``stride`` floats apart.
+inline void axpys(const float* __restrict p, const float* __restrict rows, float* __restrict acc, int64_t n, int64_t D,
+                  int64_t stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float* vr = rows + j * stride;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += pj * vr[d];
+  }
+}
+
+// In place: s = exp(s - max(s)); returns 1 / sum.
+inline float softmax_unnormalized(float* __restrict s, int64_t L) {
+  float mx = s[0], sum = 0.f;
+  for (int64_t t = 1; t < L; ++t) mx = s[t] > mx ? s[t] : mx;
+#pragma omp simd
+  for (int64_t t = 0; t < L; ++t) s[t] = std::exp(s[t] - mx);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < L; ++t) sum += s[t];
+  return 1.f / sum;
+}
+
+// Scores of one block of a row: s[h, t0 + j] = scale * q_h . k_j. For
+// bfloat16 with AVX512-BF16 the products are taken straight from q and the
+// cache (one dpbf16 per 32 values, float32 accumulation); otherwise from qf
+// (q in float32, already scaled) and the block converted to float32.
+template <typename T>
+inline void block_scores(const T* q, const float* qf, const T* kblk, float* rows, float* s, int64_t n, int64_t L,
+                         int64_t t0, int64_t H, int64_t G, int64_t D, int64_t tok, float scale) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (D % 32 == 0) {
+      for (int64_t h = 0; h < H; ++h) {
+        const T* qh = q + h * D;
+        for (int64_t j = 0; j < n; ++j) {
+          const T* kr = kblk + j * tok + (h / G) * D;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 32)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kr + d));
+          s[h * L + t0 + j] = _mm512_reduce_add_ps(acc) * scale;
+        }
+      }
+      return;
+    }
+  }
+#endif
+  to_float(kblk, rows, n * tok);
+  for (int64_t h = 0; h < H; ++h) dots(qf + h * D, rows + (h / G) * D, s + h * L + t0, n, D, tok);
+}
+
+// One row of paged decode attention: its H query heads (G per kv head) attend
+// over its L cached tokens, read a block at a time: a block's K (then V) for
+// all kv heads is one contiguous run of BS * KVH * D values.
+// Scratch: qf and acc [H * D], rows [BS * KVH * D], s [H * L].
+template <typename T, int64_t DC>  // DC: the head size when known at compile time (then loops unroll), else 0
+void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t L, int64_t H, int64_t KVH, int64_t Dr,
+                int64_t NB, int64_t BS, float scale, float* qf, float* acc, float* rows, float* s) {
+  const int64_t D = DC ? DC : Dr;
+  const int64_t G = H / KVH, tok = KVH * D, blk = BS * KVH * D, v_off = NB * blk;
+  to_float(q, qf, H * D);
+  for (int64_t i = 0; i < H * D; ++i) qf[i] *= scale;
+  for (int64_t t0 = 0; t0 < L; t0 += BS)
+    block_scores<T>(q, qf, kv + table[t0 / BS] * blk, rows, s, std::min(BS, L - t0), L, t0, H, G, D, tok, scale);
+  float inv[512];
+  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * L, L);
+  std::fill(acc, acc + H * D, 0.f);
+  for (int64_t t0 = 0; t0 < L; t0 += BS) {
+    const int64_t n = std::min(BS, L - t0);
+    to_float(kv + v_off + table[t0 / BS] * blk, rows, n * tok);
+    for (int64_t h = 0; h < H; ++h) axpys(s + h * L + t0, rows + (h / G) * D, acc + h * D, n, D, tok);
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = from_float<T>(acc[h * D + d] * inv[h]);
+}
+
+// Paged decode attention: one query token per row, keys/values read in place
+// through the row's block table (no gather), one task per row.
+template <typename T>
+void paged_decode_impl(const T* q, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
+                       int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t MAXB,
+                       float scale) {
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), rows(BS * KVH * D), s(H * longest);
+    for (int64_t b = begin; b < end; ++b) {
+      auto row = D == 64 ? decode_row<T, 64> : D == 128 ? decode_row<T, 128> : decode_row<T, 0>;
+      row(q + b * H * D, kv, tables + b * MAXB, out + b * H * D, lens[b], H, KVH, D, NB, BS, scale, qf.data(),
+          acc.data(), rows.data(), s.data());
+    }
+  });
+}
+
+// residual += x (when x is given), then out = weight * rms_norm(residual),
+// rounded like transformers' LlamaRMSNorm: normalize in float32, round to T,
+// then multiply by the weight.
+template <typename T>
+void add_rms_norm_impl(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t n, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> r(n), w(n), xf(n);
+    to_float(weight, w.data(), n);
+    for (int64_t i = begin; i < end; ++i) {
+      T* res = residual + i * n;
+      to_float(res, r.data(), n);
+      if (x != nullptr) {
+        to_float(x + i * n, xf.data(), n);
+        for (int64_t j = 0; j < n; ++j) {
+          r[j] = static_cast<float>(from_float<T>(r[j] + xf[j]));
+          res[j] = from_float<T>(r[j]);
+        }
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < n; ++j) ss += r[j] * r[j];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+      T* o = out + i * n;
+      for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(w[j] * static_cast<float>(from_float<T>(r[j] * inv)));
+    }
+  });
+}
+
+// out[r, j] = silu(gate_up[r, j]) * gate_up[r, n + j]
+template <typename T>
+void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(n), u(n);
+    for (int64_t i = begin; i < end; ++i) {
+      to_float(gu + i * 2 * n, g.data(), n);
+      to_float(gu + i * 2 * n + n, u.data(), n);
+      float* gf = g.data();
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) gf[j] = gf[j] / (1.f + std::exp(-gf[j]));
+      T* o = out + i * n;
+      for (int64_t j = 0; j < n; ++j) o[j] = from_float<T>(static_cast<float>(from_float<T>(g[j])) * u[j]);
+    }
+  });
+}
+
+// Neox rotary on the q and k heads of fused qkv [T, (H + 2 KVH) * D];
+// returns them rotated, q [T, H, D] and k [T, KVH, D] (v stays a view of qkv).
+template <typename T>
+void rope_impl(const T* qkv, const int64_t* pos, const float* cos_sin, T* q_out, T* k_out, int64_t tokens, int64_t H,
+               int64_t KVH, int64_t D) {
+  const int64_t half = D / 2, width = (H + 2 * KVH) * D;
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cs = cos_sin + pos[t] * D;
+      for (int64_t h = 0; h < H + KVH; ++h) {
+        to_float(qkv + t * width + h * D, x.data(), D);
+        T* dst = h < H ? q_out + (t * H + h) * D : k_out + (t * KVH + h - H) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          // rounded like the eager path: cos/sin and x*cos in T, then one fused multiply-add
+          const float c = static_cast<float>(from_float<T>(cs[i])), s = static_cast<float>(from_float<T>(cs[half + i]));
+          const float x1c = static_cast<float>(from_float<T>(x[i] * c));
+          const float x2c = static_cast<float>(from_float<T>(x[half + i] * c));
+          dst[i] = from_float<T>(x1c - x[half + i] * s);
+          dst[half + i] = from_float<T>(x2c + x[i] * s);
+        }
+      }
+    }
+  });
+}
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+#define FNLLM_DISPATCH(dtype, ...)                                              \
+  if ((dtype) == torch::kFloat32) {                                            \
+    using scalar_t = float;                                                    \
+    __VA_ARGS__();                                                             \
+  } else if ((dtype) == torch::kBFloat16) {                                    \
+    using scalar_t = c10::BFloat16;                                            \
+    __VA_ARGS__();                                                             \
+  } else {                                                                     \
+    TORCH_CHECK(false, "fnllm cpu kernels: unsupported dtype ", (dtype));      \
+  }
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                           double scale) {
+  check(q, "q"), check(kv_cache, "kv_cache"), check(block_tables, "block_tables"), check(seq_lens, "seq_lens");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32,
+              "block_tables and seq_lens must be int32");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
+  TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0 && q.size(1) <= 512, "query heads must be a multiple of kv heads, at most 512");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
+  auto out = torch::empty_like(q);
+  FNLLM_DISPATCH(q.scalar_type(), [&] {
+    paged_decode_impl<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
+                                seq_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, NB, BS,
+                                block_tables.size(1), static_cast<float>(scale));
+  });
+  return out;
+}
+
+torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check(residual, "residual"), check(weight, "weight");
+  if (x) check(*x, "x");
+  auto out = torch::empty_like(residual);
+  const int64_t n = residual.size(-1), rows = residual.numel() / n;
+  FNLLM_DISPATCH(residual.scalar_type(), [&] {
+    add_rms_norm_impl<scalar_t>(x ? x->data_ptr<scalar_t>() : nullptr, residual.data_ptr<scalar_t>(),
+                                weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  check(gate_up, "gate_up");
+  const int64_t n = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * n);
+  auto out = torch::empty({rows, n}, gate_up.options());
+  FNLLM_DISPATCH(gate_up.scalar_type(), [&] {
+    silu_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos_sin, int64_t H,
+                                int64_t KVH) {
+  check(qkv, "qkv"), check(positions, "positions"), check(cos_sin, "cos_sin");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64, "positions must be int64");
+  TORCH_CHECK(cos_sin.scalar_type() == torch::kFloat32, "cos_sin must be float32");
+  const int64_t T = qkv.size(0), D = cos_sin.size(1);
+  TORCH_CHECK(qkv.size(1) == (H + 2 * KVH) * D, "qkv width does not match the head counts");
+  auto q = torch::empty({T, H, D}, qkv.options()), k = torch::empty({T, KVH, D}, qkv.options());
+  FNLLM_DISPATCH(qkv.scalar_type(), [&] {
+    rope_impl<scalar_t>(qkv.data_ptr<scalar_t>(), positions.data_ptr<int64_t>(), cos_sin.data_ptr<float>(),
+                        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), T, H, KVH, D);
+  });
+  return {q, k};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row)");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; weight * rms_norm(residual)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("rope", &rope, "neox rotary on the q and k heads of fused qkv");
+}

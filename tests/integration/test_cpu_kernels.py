@@ -1,0 +1,109 @@
+"""The fused CPU kernels against plain float64 references and the eager
+backend: paged decode attention over scattered blocks and uneven lengths,
+add + RMSNorm (with the residual update), SiLU-and-mul, and the rotary, in
+float32 and bfloat16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fnllm.device import cpu_kernels
+from fnllm.device.cpu import TorchBackend
+from fnllm.device.cpu_fused import FusedCpuBackend
+from fnllm.model.model_config import DecoderConfig
+
+K = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(K is None, reason="the fused CPU kernels did not build here")
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def reference_decode(q, kv, tables, lens, scale):
+    """Gather each row's keys/values through its table; attend in float64."""
+    b, h, d = q.shape
+    kvh, bs = kv.shape[3], kv.shape[2]
+    out = torch.empty(b, h, d, dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        blocks = tables[i, : math.ceil(n / bs)].long()
+        keys = kv[0, blocks].reshape(-1, kvh, d)[:n].double()
+        vals = kv[1, blocks].reshape(-1, kvh, d)[:n].double()
+        g = h // kvh
+        for head in range(h):
+            s = keys[:, head // g] @ q[i, head].double() * scale
+            out[i, head] = torch.softmax(s, 0) @ vals[:, head // g]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block", [(9, 3, 64, 16), (4, 4, 32, 4), (8, 2, 128, 128)])
+def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, block):
+    g = torch.Generator().manual_seed(heads * head_dim)
+    lens = torch.tensor([1, block - 1, block, 3 * block + 5, 2], dtype=torch.int32)
+    per = math.ceil(int(lens.max()) / block) + 1
+    nb = len(lens) * per + 3
+    kv = torch.randn(2, nb, block, kv_heads, head_dim, generator=g).to(dtype)
+    tables = torch.randperm(nb, generator=g)[: len(lens) * per].view(len(lens), per).int()  # scattered blocks
+    q = torch.randn(len(lens), heads, head_dim, generator=g).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    got = K.paged_decode(q, kv, tables, lens, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.double(), reference_decode(q, kv, tables, lens, scale), **TOL[dtype])
+
+
+def test_paged_decode_rejects_bad_input():
+    kv = torch.zeros(2, 4, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="int32"):
+        K.paged_decode(torch.zeros(1, 4, 8), kv, torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        K.paged_decode(torch.zeros(1, 3, 8), kv, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_add_rms_norm_and_silu_mul(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    x, res = (torch.randn(rows, 96, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(96, generator=g).to(dtype)
+    want_res = (res.double() + x.double()).to(dtype)
+    want = F.rms_norm(want_res.double(), (96,), w.double(), 1e-6)
+    res_k = res.clone()
+    got = K.add_rms_norm(x, res_k, w, 1e-6)
+    torch.testing.assert_close(res_k, want_res, atol=0, rtol=0)  # the residual is updated in place, rounded once
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    torch.testing.assert_close(K.add_rms_norm(None, x, w, 1e-6).double(), F.rms_norm(x.double(), (96,), w.double(), 1e-6), **TOL[dtype])
+    gu = torch.randn(rows, 2 * 80, generator=g).to(dtype)
+    want = F.silu(gu[:, :80].double()) * gu[:, 80:].double()
+    torch.testing.assert_close(K.silu_mul(gu).double(), want, **TOL[dtype])
+
+
+def _backends(dtype):
+    cfg = DecoderConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=96, intermediate_size=128,
+                        num_layers=1, num_heads=6, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                        rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+                        attention_bias=False)
+    eager = TorchBackend(cfg, block_size=4, device="cpu", dtype=dtype)
+    fused = FusedCpuBackend(cfg, block_size=4, device="cpu", dtype=dtype, kernels=K)
+    return cfg, eager, fused
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_matches_eager_backend(dtype):
+    from fnllm.model.pangu import rope_cos_sin_cache
+
+    cfg, eager, fused = _backends(dtype)
+    cache = rope_cos_sin_cache(cfg, "cpu")
+    positions = torch.tensor([0, 1, 5, 200, 31])
+    qkv = torch.randn(5, (6 + 2 * 2) * 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cs = cache.index_select(0, positions)
+    cos, sin = cs[:, :8], cs[:, 8:]
+    meta_e = type("M", (), {"cos": torch.cat((cos, cos), -1).unsqueeze(1).to(dtype),
+                            "sin": torch.cat((-sin, sin), -1).unsqueeze(1).to(dtype)})()
+    fused._cos_sin = cache
+    meta_f = type("M", (), {"positions": positions})()
+    for a, b in zip(eager.rope_qkv(qkv, meta_e), fused.rope_qkv(qkv, meta_f)):
+        torch.testing.assert_close(b, a, atol=1e-5 if dtype == torch.float32 else 0, rtol=1e-5 if dtype == torch.float32 else 0)
