@@ -59,6 +59,10 @@ def test_paged_decode_rejects_bad_input():
     kv = torch.zeros(2, 4, 4, 2, 8)
     with pytest.raises(RuntimeError, match="int32"):
         K.paged_decode(torch.zeros(1, 4, 8), kv, torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="block id 9 outside the cache of 4 blocks"):
+        K.paged_decode(torch.zeros(1, 4, 8), kv, torch.tensor([[0, 9]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="does not fit its block table"):
+        K.paged_decode(torch.zeros(1, 4, 8), kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([9], dtype=torch.int32), 1.0)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
         K.paged_decode(torch.zeros(1, 3, 8), kv, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
 

@@ -234,6 +234,15 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0 && q.size(1) <= 512, "query heads must be a multiple of kv heads, at most 512");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
+  TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "block_tables and seq_lens need one row per query");
+  const int32_t* tab = block_tables.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // every block a row reads must exist: a bad table is an error, not a stray read
+    const int64_t len = seq_lens.data_ptr<int32_t>()[b], used = (len + BS - 1) / BS;
+    TORCH_CHECK(len >= 1 && used <= block_tables.size(1), "row ", b, ": length ", len, " does not fit its block table");
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(tab[b * block_tables.size(1) + j] >= 0 && tab[b * block_tables.size(1) + j] < NB, "row ", b,
+                  ": block id ", tab[b * block_tables.size(1) + j], " outside the cache of ", NB, " blocks");
+  }
   auto out = torch::empty_like(q);
   FNLLM_DISPATCH(q.scalar_type(), [&] {
     paged_decode_impl<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
