@@ -73,7 +73,6 @@ class DecodeMeta:
     mask: torch.Tensor | None  # sdpa: [B, 1, 1, seq_len] bool (True: attend) or None (no padding);
     # bmm: [B, 1, max_blocks * block_size] float32, 0 or -inf
     num_rows: int
-    max_blocks: int
     seq_len: int  # the longest row's length (keys beyond it are never read)
     sdpa: bool  # which kernel attends: SDPA, or two batched matmuls (block-diagonal queries)
 
@@ -165,7 +164,6 @@ class TorchBackend:
             block_idx=self._tensor(batch.block_tables[rows, :nbm].astype(np.int64).reshape(-1)),
             mask=mask,
             num_rows=len(rows),
-            max_blocks=nbm,
             seq_len=longest,
             sdpa=sdpa,
         )

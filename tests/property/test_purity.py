@@ -22,15 +22,21 @@ CORE = ("config", "state", "blocks", "lifecycle", "schedule", "step", "invariant
 FORBIDDEN = {"torch", "numpy", "time", "random", "threading", "logging"}
 
 
+def _started(config, work) -> Run:
+    """A run with one request ``r{i}`` per (prompt, sampling) in ``work``."""
+    run = Run(config)
+    for i, (p, sp) in enumerate(work):
+        run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
+    return run
+
+
 @given(
     config=engine_configs(),
     work=st.lists(st.tuples(prompts(), sampling_params()), min_size=1, max_size=4),
     steps=st.integers(0, 6),
 )
 def test_core_functions_are_pure(config, work, steps):
-    run = Run(config)
-    for i, (p, sp) in enumerate(work):
-        run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
+    run = _started(config, work)
     for _ in range(steps):
         run.step()
     s0 = run.state
@@ -82,9 +88,7 @@ def test_core_sources_import_no_clock_randomness_or_device():
 def test_decode_fast_path_agrees_with_general_path(config, work, steps):
     from fnllm.schedule import _all_decode, schedule_general
 
-    run = Run(config)
-    for i, (p, sp) in enumerate(work):
-        run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
+    run = _started(config, work)
     for _ in range(steps):
         fast = _all_decode(run.state, config)
         if fast is not None:
