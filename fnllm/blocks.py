@@ -168,6 +168,17 @@ class PoolEdit:
             out.append(b)
         return out
 
+    def uncache(self, b: int) -> None:
+        """Forget block ``b``'s cached content (it can no longer be trusted); a
+        free cached block becomes a plain free block. No-op when not cached."""
+        if b not in self.hash_of:
+            return
+        self._forget(b)
+        if self.ref.get(b, 0) == 0:
+            self._lru_remove(b)
+            self.stack = (b, self.stack)
+            self.num_stack += 1
+
     def cache(self, b: int, h: bytes, content: tuple) -> bool:
         """Name full block ``b`` by ``h``; False when ``h`` or ``b`` is already named."""
         if h in self.by_hash or b in self.hash_of:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from fnllm.errors import EngineDeadError
 from fnllm.state import SamplingParams
 
 USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, json.JSONDecodeError)
@@ -118,20 +119,25 @@ def _as_json(out) -> dict:
              "stop_reason": c.stop_reason}
             for c in out.outputs
         ],
+        "error": out.error,
     }
 
 
-def _stream(llm, prompt, sp) -> None:
+def _stream(llm, prompt, sp) -> int:
     engine = llm.llm_engine
     engine.add_request("cli-0", prompt, sp)
-    shown = 0
+    shown, error = 0, None
     while engine.has_unfinished_requests():
         for out in engine.step():
             text = out.outputs[0].text if out.outputs else ""
             sys.stdout.write(text[shown:])
             sys.stdout.flush()
-            shown = len(text)
+            shown, error = len(text), out.error
     sys.stdout.write("\n")
+    if error:
+        print(f"fnllm: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -143,8 +149,7 @@ def cmd_generate(args) -> int:
     else:
         prompts, params = [_prompt_of(llm, args.prompt, args.chat, args.system)], [_sampling(args)]
     if args.prompt is not None and not args.json and not args.output:
-        _stream(llm, prompts[0], params[0])
-        return 0
+        return _stream(llm, prompts[0], params[0])
     outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
     lines = [json.dumps(_as_json(o), ensure_ascii=False) for o in outs]
     if args.output:
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"fnllm: error: {e}", file=sys.stderr)
         return 2
+    except EngineDeadError as e:  # the device failed for good: one line, not a traceback
+        print(f"fnllm: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

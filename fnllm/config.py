@@ -56,6 +56,11 @@ class SchedulerConfig:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_model_len", self.max_model_len)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs at least one token a step"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         t = self.long_prefill_token_threshold
@@ -70,8 +75,9 @@ class SchedulerConfig:
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
-    """What the core needs to know of the model (vocabulary, stop ids) plus
-    what the device layer needs to build it (path, dtype, device, seed)."""
+    """What the core needs to know of the model (vocabulary, stop ids, the
+    logprobs limit) plus what the device layer needs to build it (path,
+    dtype, device, seed)."""
 
     model: str | None = None
     dtype: str = "float32"
@@ -79,8 +85,10 @@ class ModelConfig:
     seed: int = 0
     vocab_size: int = 32000
     eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    max_logprobs: int = 20  # the most logprobs a request may ask for (vLLM's name and default)
 
     def __attrs_post_init__(self) -> None:
+        _positive("max_logprobs", self.max_logprobs)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:

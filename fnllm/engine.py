@@ -11,18 +11,40 @@ block is lost.
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Callable, Iterable, Sequence
 
 import attrs
 
 from fnllm.config import EngineConfig
+from fnllm.errors import EngineDeadError
+from fnllm.faults import plan_subset, repair_after_failure
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.outputs import CompletionOutput, RequestOutput, logprob_dict
-from fnllm.state import BatchPlan, EngineState, Executor, Outputs, Rejection, Request, SamplingParams
-from fnllm.step import step as core_step
+from fnllm.schedule import schedule
+from fnllm.state import BatchPlan, EngineState, Executor, Outputs, Rejection, Request, SamplingParams, StepOutput
+from fnllm.step import check_output, commit
 
 PromptType = str | Sequence[int] | dict
+
+
+def _is_array(x) -> bool:
+    """A numpy (or similar) array of ids, told by its interface, without importing numpy."""
+    return hasattr(x, "tolist") and hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _token_ids(ids) -> list[int]:
+    """Token ids as plain ints: numpy integers and 0-d arrays are fine, bools,
+    floats and strings are not (``ValueError`` naming the first bad one)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise ValueError(f"prompt_token_ids must hold integers, got {t!r} ({type(t).__name__})")
+        out.append(operator.index(t))
+    return out
 
 
 class _Track:
@@ -62,7 +84,7 @@ class _Track:
         return self._check_stop(index, before)
 
     def _check_stop(self, index: int, before: int) -> str | None:
-        from fnllm.tokenizer import find_stop
+        from fnllm.tokenizer import find_stop, stream_safe_len
 
         text = self.full_text[index]
         c = self.completions[index]
@@ -73,6 +95,10 @@ class _Track:
                 keep = pos + len(stop) if self.params.include_stop_str_in_output else pos
                 c.text, c.finish_reason, c.stop_reason = text[:keep], "stop", stop
                 return stop
+            # while running, hold back a tail that may still become a stop string
+            # (the final text is never shorter than what was streamed)
+            c.text = text[: stream_safe_len(text, self.params.stop, self.params.include_stop_str_in_output)]
+            return None
         c.text = text
         return None
 
@@ -83,6 +109,9 @@ class _Track:
             before = len(self.full_text[index])
             self.full_text[index] += det.finish()
             self._check_stop(index, before)
+            c = self.completions[index]
+            if c.finish_reason is None:
+                c.text = self.full_text[index]  # ended by length/EOS: nothing is held back any more
 
     def output(self, finished: bool) -> RequestOutput:
         outs = [
@@ -97,7 +126,20 @@ class _Track:
 
 class LLMEngine:
     """Step-function API: ``add_request``, ``step``, ``abort_request``,
-    ``has_unfinished_requests``, and the current ``state``."""
+    ``has_unfinished_requests``, and the current ``state``.
+
+    ``step`` is a transaction: ``self.state`` is replaced only when the
+    executor and commit succeed, and the step's deliveries (abort and error
+    outputs) happen in the same transaction. A failed execute is retried
+    once; if it fails again, the state is repaired
+    (:func:`fnllm.faults.repair_after_failure`) and the plan's requests are
+    bisected through sub-plans (:func:`fnllm.faults.plan_subset`): every
+    request whose sub-plan fails alone ends with ``finish_reason="error"``,
+    the others carry on from the next step. A failed step counts towards
+    ``max_consecutive_failures`` unless some sub-plan ran (the device works)
+    and a culprit was found; at that count (a dead device) ``step`` raises
+    :class:`~fnllm.errors.EngineDeadError`, and so does every later call.
+    """
 
     def __init__(
         self,
@@ -107,12 +149,23 @@ class LLMEngine:
         *,
         clock: Callable[[], float] = time.monotonic,
         recorder=None,
+        max_consecutive_failures: int = 3,
     ) -> None:
+        if not isinstance(max_consecutive_failures, int) or max_consecutive_failures < 1:
+            raise ValueError(f"max_consecutive_failures must be an integer >= 1, got {max_consecutive_failures!r}")
+        positions = getattr(executor, "max_position_embeddings", None)
+        if positions is not None and config.scheduler.max_model_len > positions:
+            raise ValueError(
+                f"max_model_len={config.scheduler.max_model_len} exceeds the model's max_position_embeddings={positions}"
+            )
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
         self.state: EngineState = initial_state(config)
         self._clock, self.recorder = clock, recorder
         self._tracks: dict[str, _Track] = {}
-        self._aborted: list[str] = []
+        self._ended: dict[str, tuple[str, str | None]] = {}  # request -> (finish reason, error), not yet delivered
+        self.max_consecutive_failures = max_consecutive_failures
+        self.consecutive_failures = 0
+        self.dead: EngineDeadError | None = None
         self.last_plan: BatchPlan | None = None
         if recorder is not None:
             recorder.start(config)
@@ -121,7 +174,7 @@ class LLMEngine:
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -132,19 +185,23 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; give prompt_token_ids instead")
             return prompt, list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)) or _is_array(prompt):
+            return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(
         self, request_id: str, prompt: PromptType, sampling_params: SamplingParams | None = None, priority: int = 0
     ) -> None:
         """Queue a request; ``ValueError`` (and no change) when it cannot be served."""
+        if self.dead is not None:
+            raise self.dead
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to find them in the text; use stop_token_ids instead")
         text, ids = self._prompt_ids(prompt)
         if request_id in self._tracks:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request")
@@ -158,44 +215,137 @@ class LLMEngine:
             self.recorder.add(self.state.step, out.requests[request_id])
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Abort one or several requests; unknown or finished ids are ignored.
-        Each aborted request gets one last output (``finish_reason="abort"``)
-        from the next ``step``."""
+        """Abort one or several requests; unknown, finished or already aborted
+        ids are ignored. Each aborted request gets one last output
+        (``finish_reason="abort"``) from the next ``step``."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            if rid not in self._tracks:
+            if rid not in self._tracks or rid in self._ended:
                 continue
             self.state = abort_request(self.state, rid)
-            self._aborted.append(rid)
+            self._ended[rid] = ("abort", None)
             if self.recorder is not None:
                 self.recorder.abort(self.state.step, rid)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.state.requests) or bool(self._aborted)
+        return bool(self.state.requests) or bool(self._ended)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.state.requests)
 
     # -- the loop turn ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduling step; the outputs of every request it touched."""
-        results = self._drain_aborted()
-        state, plan, output, news = core_step(self.state, self.executor, self.config, now=self._clock())
-        self.state, self.last_plan = state, plan
+        """One scheduling step; the outputs of every request it touched.
+
+        With no live request it only delivers pending abort outputs: the
+        state and the trace do not move."""
+        if self.dead is not None:
+            raise self.dead
+        if not self.state.requests:
+            return self._deliver_ended()
+        before = self.state
+        mid, plan = schedule(before, self.config, now=self._clock())
+        output, error = self._execute(before, plan)
+        if error is not None:
+            return self._recover(before, plan, error)
+        state, news = commit(mid, plan, output, self.config)
+        results = self._deliver_ended()
+        self.state, self.last_plan, self.consecutive_failures = state, plan, 0
         if self.recorder is not None:
             self.recorder.step(plan, output, state)
         return results + self._absorb(news)
 
-    def _drain_aborted(self) -> list[RequestOutput]:
+    def _run_plan(self, plan: BatchPlan) -> StepOutput:
+        """Execute ``plan`` and check the output's shape (a bad output is a device fault)."""
+        out = self.executor.execute(plan) if len(plan) else StepOutput()
+        check_output(plan, out, self.config.model.vocab_size)
+        return out
+
+    def _execute(self, before: EngineState, plan: BatchPlan) -> tuple[StepOutput | None, Exception | None]:
+        """The plan's output, retried once; or the last error. An interrupt
+        (KeyboardInterrupt, ...) repairs the state before it propagates."""
+        error = None
+        for _ in range(2):
+            try:
+                return self._run_plan(plan), None
+            except Exception as e:  # noqa: BLE001 - any device failure is isolated below
+                error = e
+            except BaseException:
+                self.state = repair_after_failure(before, plan, self.config)
+                if self.recorder is not None:
+                    self.recorder.fault(plan, [])
+                raise
+        return None, error
+
+    def _recover(self, before: EngineState, plan: BatchPlan, error: Exception) -> list[RequestOutput]:
+        """After a plan failed twice: repair the state, isolate poison requests."""
+        state = repair_after_failure(before, plan, self.config)
+        try:
+            blamed, healthy = self._find_culprits(plan, error)
+        except BaseException:  # an interrupt while probing: keep the repaired state
+            self.state = state
+            if self.recorder is not None:
+                self.recorder.fault(plan, [])
+            raise
+        for rid in blamed:
+            state = abort_request(state, rid)
+        # the count resets only when a sub-plan ran (the device works) and culprits were found
+        failures = 0 if (healthy and blamed) else self.consecutive_failures + 1
+        if self.recorder is not None:
+            self.recorder.fault(plan, list(blamed))
+        self.state, self.consecutive_failures = state, failures
+        for rid, e in blamed.items():
+            self._ended[rid] = ("error", f"the device failed on this request: {type(e).__name__}: {e}")
+        if failures >= self.max_consecutive_failures:
+            self.dead = EngineDeadError(
+                f"engine is dead: {failures} consecutive steps failed on the executor, none of them "
+                f"traced to a poison request on a working device; last error: {type(error).__name__}: {error}"
+            )
+            raise self.dead from error
+        return self._deliver_ended()
+
+    def _find_culprits(self, plan: BatchPlan, error: Exception) -> tuple[dict[str, Exception], bool]:
+        """Bisect the failed plan's requests: those whose sub-plan fails alone,
+        and whether any sub-plan ran (proof that the device works)."""
+        culprits: dict[str, Exception] = {}
+        healthy = False
+
+        def probe(group: list[str]) -> Exception | None:
+            nonlocal healthy
+            keep = set(group)
+            try:
+                self._run_plan(plan_subset(plan, [i for i, r in enumerate(plan.request_ids) if r in keep]))
+            except Exception as e:  # noqa: BLE001
+                return e
+            healthy = True
+            return None
+
+        def search(group: list[str], err: Exception) -> None:
+            if len(group) == 1:
+                culprits[group[0]] = err
+                return
+            half = len(group) // 2
+            for part in (group[:half], group[half:]):
+                e = probe(part)
+                if e is not None:
+                    search(part, e)
+
+        search(list(dict.fromkeys(plan.request_ids)), error)
+        return culprits, healthy
+
+    def _deliver_ended(self) -> list[RequestOutput]:
+        """The last output of every aborted or failed request, once."""
         results = []
-        for rid in self._aborted:
+        for rid, (why, message) in self._ended.items():
             track = self._tracks.pop(rid)
             for i in range(track.params.n):
                 c = track.completion(i)
                 if c.finish_reason is None:
-                    c.finish_reason = "abort"
-            results.append(track.output(True))
-        self._aborted = []
+                    c.finish_reason = why
+            out = track.output(True)
+            out.error = message
+            results.append(out)
+        self._ended = {}
         return results
 
     def _absorb(self, news: Outputs) -> list[RequestOutput]:

@@ -8,6 +8,8 @@ its argument. Removing a sequence always returns all of its blocks.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import attrs
 
 from fnllm.blocks import PoolEdit, chain_hashes, new_pool
@@ -31,12 +33,28 @@ def waiting_key(req: Request, seq: Seq, policy: str) -> tuple:
 
 
 def insert_waiting(state_requests, waiting: tuple[Seq, ...], seqs: list[Seq], policy: str) -> tuple[Seq, ...]:
-    """``waiting`` with ``seqs`` placed in admission order (stable for equal keys)."""
+    """``waiting`` with ``seqs`` placed in admission order (after equal keys).
+
+    ``waiting`` is already in order, so each sequence goes in by binary
+    search: O(log n) key computations plus one tuple copy, and O(1) key
+    computations for the usual FCFS add (a new arrival goes last).
+    """
     if not seqs:
         return waiting
-    merged = list(waiting) + seqs
-    merged.sort(key=lambda s: waiting_key(state_requests[s.request_id], s, policy))
-    return tuple(merged)
+
+    def key(s: Seq) -> tuple:
+        return waiting_key(state_requests[s.request_id], s, policy)
+
+    if len(seqs) == 1 and (not waiting or key(waiting[-1]) <= key(seqs[0])):
+        return waiting + (seqs[0],)  # the usual add: one tuple copy, no search
+    out = list(waiting)
+    for seq in sorted(seqs, key=key):
+        k = key(seq)
+        if not out or key(out[-1]) <= k:
+            out.append(seq)
+        else:
+            out.insert(bisect_right(out, k, key=key), seq)
+    return tuple(out)
 
 
 def validate_request(state: EngineState, request: Request, config: EngineConfig) -> str | None:
@@ -51,7 +69,10 @@ def validate_request(state: EngineState, request: Request, config: EngineConfig)
     if not prompt:
         return "prompt is empty"
     vocab = config.model.vocab_size
-    bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    ints = all(type(t) is int for t in prompt)  # exact ints: bools (an int subclass) are not token ids
+    bad = () if ints and min(prompt) >= 0 and max(prompt) < vocab else [
+        t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+    ]
     if bad:
         return f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
     total = len(prompt) + sp.max_tokens
@@ -68,6 +89,10 @@ def validate_request(state: EngineState, request: Request, config: EngineConfig)
             f"request needs {need} KV blocks of {cache.block_size} tokens, "
             f"but the whole cache has {cache.num_blocks}: it could never be scheduled"
         )
+    if sp.logprobs is not None and sp.logprobs > config.model.max_logprobs:
+        return f"logprobs={sp.logprobs} exceeds max_logprobs={config.model.max_logprobs}"
+    if sp.logprobs is not None and sp.logprobs > vocab:
+        return f"logprobs={sp.logprobs} exceeds the vocabulary size {vocab}"
     if sp.n > sched.max_num_seqs:
         return f"n={sp.n} exceeds max_num_seqs={sched.max_num_seqs}"
     if not sched.enable_chunked_prefill and len(prompt) > sched.max_num_batched_tokens:

@@ -48,38 +48,36 @@ class LLM:
         long_prefill_token_threshold: int = 0,
         attn_backend: str | None = None,
         trace: str | None = None,
+        max_logprobs: int = 20,
+        max_consecutive_failures: int = 3,
     ) -> None:
         from fnllm.device.executor import ModelExecutor
+        from fnllm.model.loader import open_checkpoint
         from fnllm.tokenizer import load_tokenizer
 
         path = _model_path(model)
-        if num_kv_blocks is None and kv_cache_memory is None:
-            kv_cache_memory = DEFAULT_KV_MEMORY
-        if kv_cache_memory is not None and kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {kv_cache_memory!r}")
-        CacheConfig(block_size=block_size, num_blocks=num_kv_blocks or 1)  # validate before loading anything
+        ckpt = open_checkpoint(path)  # the checkpoint's config and index, no weights yet
         self.tokenizer = load_tokenizer(path)
-        executor = ModelExecutor(
-            path, dtype=dtype, device=device, num_blocks=num_kv_blocks, kv_cache_bytes=None if num_kv_blocks else kv_cache_memory,
-            block_size=block_size, seed=seed, attn_backend=attn_backend,
+        config = _engine_config(
+            ckpt.config, self.tokenizer, path=path, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+            num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, policy=policy,
+            long_prefill_token_threshold=long_prefill_token_threshold, max_logprobs=max_logprobs,
         )
-        max_len = max_model_len or min(executor.max_position_embeddings, 4096)
-        budget = max_num_batched_tokens or max(2048, 0 if enable_chunked_prefill else max_len)
-        eos = tuple(sorted(set(executor.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        config = EngineConfig(
-            model=ModelConfig(model=path, dtype=dtype, device=device, seed=seed, vocab_size=executor.vocab_size, eos_token_ids=eos),
-            cache=CacheConfig(block_size=block_size, num_blocks=executor.num_blocks, enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_len, policy=policy,
-                enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,
-            ),
+        # every setting is valid: only now load the weights and allocate the KV cache
+        executor = ModelExecutor(
+            path, dtype=dtype, device=device, num_blocks=config.cache.num_blocks, block_size=block_size, seed=seed,
+            attn_backend=attn_backend, checkpoint=ckpt,
         )
         recorder = None
         if trace is not None:
             from fnllm.trace import TraceWriter
 
             recorder = TraceWriter(trace)
-        self.llm_engine = LLMEngine(config, executor, self.tokenizer, recorder=recorder)
+        self.llm_engine = LLMEngine(
+            config, executor, self.tokenizer, recorder=recorder, max_consecutive_failures=max_consecutive_failures
+        )
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -93,20 +91,26 @@ class LLM:
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; results in prompt order."""
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
+        """Run every prompt to completion; results in prompt order. If the call
+        is interrupted or fails, its requests are aborted (their KV freed)."""
+        prompts = _prompt_list(prompts)
+        if not prompts:
+            return []
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
             params = list(sampling_params)
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
         ids = self._add_all(prompts, params, priority)
-        return self._run(ids, use_tqdm)
+        try:
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            if self.llm_engine.dead is None:
+                self.llm_engine.abort_request(ids)  # leave nothing of this call behind
+            raise
 
     def chat(
         self,
@@ -153,6 +157,58 @@ class LLM:
         if bar is not None:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _prompt_list(prompts) -> list:
+    """``prompts`` as a list of single prompts (a lone prompt is wrapped)."""
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (str, dict, list, tuple))
+    ):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(
+            "prompts must be a string, a list of token ids, a dict, or a list of those; "
+            f"got {type(prompts).__name__}"
+        )
+    return list(prompts)
+
+
+def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
+                   block_size, enable_prefix_caching, enable_chunked_prefill, num_kv_blocks, kv_cache_memory, policy,
+                   long_prefill_token_threshold, max_logprobs) -> EngineConfig:
+    """The engine config for checkpoint config ``dcfg``: every setting checked
+    (``ValueError`` naming it) before any weight is loaded."""
+    from fnllm.device.executor import num_blocks_for_memory
+
+    positions = dcfg.max_position_embeddings
+    if max_model_len is not None and max_model_len > positions:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={positions}"
+        )
+    max_len = max_model_len or min(positions, 4096)
+    CacheConfig(block_size=block_size)  # block_size first: the KV sizing below needs it
+    if num_kv_blocks is not None:
+        if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}")
+        num_blocks = num_kv_blocks
+    else:
+        memory = DEFAULT_KV_MEMORY if kv_cache_memory is None else kv_cache_memory
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {memory!r}")
+        num_blocks = num_blocks_for_memory(memory, dcfg, block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={memory} bytes is smaller than one KV block of {block_size} tokens")
+    budget = max_num_batched_tokens or max(2048, max_num_seqs, 0 if enable_chunked_prefill else max_len)
+    eos = tuple(sorted(set(dcfg.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    return EngineConfig(
+        model=ModelConfig(model=path, dtype=dtype, device=device, seed=seed, vocab_size=dcfg.vocab_size,
+                          eos_token_ids=eos, max_logprobs=max_logprobs),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_len, policy=policy,
+            enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,
+        ),
+    )
 
 
 def _progress(total: int):

@@ -15,7 +15,7 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = attrs.field(factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] | None = None
 
@@ -25,11 +25,16 @@ class CompletionOutput:
 
 @attrs.define(kw_only=True)
 class RequestOutput:
+    """A request's cumulative result. ``error`` says why the device could not
+    serve it when it ended with ``finish_reason="error"`` (a poison request
+    isolated by the engine)."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    error: str | None = None
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

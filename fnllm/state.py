@@ -120,6 +120,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {m!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
+            if self.seed >= 2**64:
+                raise ValueError(f"seed must be < 2**64, got {self.seed!r}")
         _check_int("max_tokens", self.max_tokens, 1)
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:

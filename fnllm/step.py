@@ -22,7 +22,8 @@ from fnllm.schedule import schedule
 from fnllm.state import COLUMNS, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, seq_tokens
 
 
-def _check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
+def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
+    """``InvariantError`` unless ``output`` has the shape ``plan`` asks for and in-vocabulary tokens."""
     if len(output.sampled) != len(plan):
         raise InvariantError(f"device returned {len(output.sampled)} rows for a plan of {len(plan)}")
     if tuple(map(len, output.sampled)) != plan.num_samples:
@@ -178,7 +179,7 @@ class _Commit:
 
 def commit(state: EngineState, plan: BatchPlan, output: StepOutput, config: EngineConfig) -> tuple[EngineState, Outputs]:
     """Apply the device's output for ``plan``; the new state and each sequence's news."""
-    _check_output(plan, output, config.model.vocab_size)
+    check_output(plan, output, config.model.vocab_size)
     work = _Commit(state, config)
     run_ids = state.running.seq_ids
     if plan.seq_ids == run_ids:

@@ -7,6 +7,9 @@ things happened:
 - ``{"type": "add", "step": s, "request": {...}}`` (request with its prompt ids and sampling)
 - ``{"type": "abort", "step": s, "request_id": ...}``
 - ``{"type": "finish", "step": s, "request_id": ..., "index": i}`` (a stop string found by the engine)
+- ``{"type": "fault", "step": s, "plan": <digest>, "errors": [request_id, ...]}``: the plan scheduled
+  at step ``s`` failed on the device; replay re-plans it, applies
+  :func:`~fnllm.faults.repair_after_failure` and ends the isolated requests
 - ``{"type": "step", "step": s, "plan": <plan digest>, "state": <state digest after commit>,
   "n": <rows>, "sampled": [[...], ...], "logprobs": ... | null, "rows": <the plan>}``
 
@@ -27,6 +30,7 @@ from typing import Iterator
 import attrs
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.faults import repair_after_failure
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.schedule import schedule
 from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
@@ -149,6 +153,9 @@ class TraceWriter:
         rec["rows"] = plan_to_json(plan)
         self._write(rec)
 
+    def fault(self, plan: BatchPlan, errors: list[str]) -> None:
+        self._write({"type": "fault", "step": plan.step, "plan": plan_digest(plan), "errors": list(errors)})
+
     def close(self) -> None:
         self._f.close()
 
@@ -197,7 +204,7 @@ class ReplayStep:
 
 
 def apply_event(state: EngineState, event: dict, config: EngineConfig) -> EngineState:
-    """Apply an input event (add / abort / finish) to ``state``."""
+    """Apply an input event (add / abort / finish / fault) to ``state``."""
     kind = event["type"]
     if kind == "add":
         out = add_request(state, request_from_json(event["request"]), config)
@@ -208,6 +215,12 @@ def apply_event(state: EngineState, event: dict, config: EngineConfig) -> Engine
         return abort_request(state, event["request_id"])
     if kind == "finish":
         return finish_sequence(state, event["request_id"], event["index"])
+    if kind == "fault":
+        _, plan = schedule(state, config)
+        state = repair_after_failure(state, plan, config)
+        for rid in event["errors"]:
+            state = abort_request(state, rid)
+        return state
     raise ValueError(f"unknown trace event type {kind!r}")
 
 

@@ -53,13 +53,35 @@ def _block_table_array(tables, rows: int) -> np.ndarray:
     return out
 
 
-def build_host_batch(plan: BatchPlan, block_size: int, vocab_size: int | None = None) -> HostBatch:
-    """Flatten ``plan``; raises ``ValueError`` on a plan that is not self-consistent."""
+def _check_bounds(positions: np.ndarray, tables: np.ndarray, num_blocks: int | None, max_positions: int | None) -> None:
+    """Every position inside the rotary table, every block id inside the cache."""
+    if max_positions is not None and positions.size and int(positions.max()) >= max_positions:
+        raise ValueError(
+            f"plan position {int(positions.max())} is outside the model's {max_positions} positions "
+            "(max_position_embeddings)"
+        )
+    if num_blocks is not None and tables.size and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
+        bad = int(tables.min()) if int(tables.min()) < 0 else int(tables.max())
+        raise ValueError(f"plan block id {bad} is outside the KV cache of {num_blocks} blocks")
+
+
+def build_host_batch(
+    plan: BatchPlan,
+    block_size: int,
+    vocab_size: int | None = None,
+    *,
+    num_blocks: int | None = None,
+    max_positions: int | None = None,
+) -> HostBatch:
+    """Flatten ``plan``; raises ``ValueError`` on a plan that is not self-consistent,
+    or (when the bounds are given) that addresses a block or position that does not exist."""
     rows = len(plan.token_ids)
     query_lens = np.fromiter((len(t) for t in plan.token_ids), dtype=np.int32, count=rows)
     if rows and int(query_lens.min()) < 1:
         raise ValueError(f"plan row {int(np.argmin(query_lens))} has no tokens")
     context_lens = np.asarray(plan.positions, dtype=np.int32).reshape(rows)
+    if rows and int(context_lens.min()) < 0:
+        raise ValueError(f"plan row {int(np.argmin(context_lens))} starts at a negative position")
     seq_lens = context_lens + query_lens
     table_lens = np.fromiter((len(t) for t in plan.block_tables), dtype=np.int32, count=rows)
     short = np.nonzero(table_lens * block_size < seq_lens)[0]
@@ -75,6 +97,7 @@ def build_host_batch(plan: BatchPlan, block_size: int, vocab_size: int | None = 
     row_of = np.repeat(np.arange(rows), query_lens)
     positions = (np.arange(total) - qsl[:-1][row_of] + context_lens[row_of]).astype(np.int64)
     tables = _block_table_array(plan.block_tables, rows)
+    _check_bounds(positions, tables, num_blocks, max_positions)
     slot_mapping = tables[row_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
     num_samples = np.asarray(plan.num_samples, dtype=np.int64).reshape(rows)
     sample_rows = np.nonzero(num_samples > 0)[0].astype(np.int64)

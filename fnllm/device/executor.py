@@ -50,8 +50,10 @@ class ModelExecutor:
         block_size: int = 16,
         seed: int = 0,
         attn_backend: str | None = None,
+        checkpoint=None,
     ):
-        ckpt = open_checkpoint(model_path)  # validates before anything is allocated
+        # validates before anything is allocated (``checkpoint``: already opened by the caller)
+        ckpt = checkpoint if checkpoint is not None else open_checkpoint(model_path)
         self.config: DecoderConfig = ckpt.config
         self.model_path = ckpt.path
         self.gguf_path = ckpt.gguf_path
@@ -105,10 +107,17 @@ class ModelExecutor:
     def copy_blocks(self, copies) -> None:
         if not copies:
             return
+        flat = [b for pair in copies for b in pair]
+        if min(flat) < 0 or max(flat) >= self.num_blocks:
+            raise ValueError(f"block copy {copies} addresses a block outside the KV cache of {self.num_blocks}")
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:
             cache[:, dst] = cache[:, src]
+
+    def _host_batch(self, plan: BatchPlan) -> HostBatch:
+        return build_host_batch(plan, self.block_size, self.vocab_size, num_blocks=self.num_blocks,
+                                max_positions=self.max_position_embeddings)
 
     @torch.inference_mode()
     def forward(self, batch: HostBatch) -> torch.Tensor:
@@ -124,13 +133,13 @@ class ModelExecutor:
         self.copy_blocks(plan.copies)
         if not len(plan):
             return torch.empty((0, self.vocab_size))
-        return self.forward(build_host_batch(plan, self.block_size, self.vocab_size)).float()
+        return self.forward(self._host_batch(plan)).float()
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         self.copy_blocks(plan.copies)
         if not len(plan):
             return StepOutput(sampled=())
-        batch = build_host_batch(plan, self.block_size, self.vocab_size)
+        batch = self._host_batch(plan)
         logits = self.forward(batch)
         rows = batch.sample_rows.tolist()
         reqs = [

@@ -110,6 +110,11 @@ def decoder_config_from_dict(d: dict[str, Any], source: str) -> DecoderConfig:
     heads = _int(d, "num_attention_heads", source)
     kv_heads = _int(d, "num_key_value_heads", source) if d.get("num_key_value_heads") else heads
     hidden = _int(d, "hidden_size", source)
+    if not d.get("head_dim") and hidden % heads:
+        raise CheckpointError(
+            f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+            "and no head_dim is given"
+        )
     head_dim = _int(d, "head_dim", source) if d.get("head_dim") else hidden // heads
     if heads % kv_heads or head_dim % 2:
         raise CheckpointError(

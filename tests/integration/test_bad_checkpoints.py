@@ -165,3 +165,9 @@ def test_kv_memory_budget(tiny_pangu):
     assert ex.num_blocks == 3
     with pytest.raises(ValueError, match="holds no block"):
         ModelExecutor(tiny_pangu[0], device="cpu", kv_cache_bytes=per_block - 1, block_size=16)
+
+
+def test_hidden_size_not_divisible_by_heads_is_named(ckpt):
+    edit_config(ckpt, hidden_size=66, head_dim=None)
+    with pytest.raises(ValueError, match=r"hidden_size \(66\) is not a multiple of num_attention_heads \(4\)"):
+        load(ckpt)

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fnllm.device import cpu_kernels
 from fnllm.device.cpu import TorchBackend
@@ -111,3 +113,66 @@ def test_rope_matches_eager_backend(dtype):
     meta_f = type("M", (), {"positions": positions})()
     for a, b in zip(eager.rope_qkv(qkv, meta_e), fused.rope_qkv(qkv, meta_f)):
         torch.testing.assert_close(b, a, atol=1e-5 if dtype == torch.float32 else 0, rtol=1e-5 if dtype == torch.float32 else 0)
+
+
+# -- bounds: random tables and positions, invalid ones included ---------------------------
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_paged_decode_bounds_property(data):
+    """A valid table gives the reference's numbers; any block id outside the
+    cache or a length outside the table is a clean error, never a stray read."""
+    nb, bs, kvh, g, d = data.draw(st.integers(1, 6)), data.draw(st.sampled_from((2, 4))), 2, 2, 8
+    rows, width = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    tables = torch.tensor(data.draw(st.lists(st.lists(st.integers(-2, nb + 2), min_size=width, max_size=width),
+                                             min_size=rows, max_size=rows)), dtype=torch.int32)
+    lens = torch.tensor(data.draw(st.lists(st.integers(-1, width * bs + 2), min_size=rows, max_size=rows)),
+                        dtype=torch.int32)
+    kv = torch.randn(2, nb, bs, kvh, d, generator=torch.Generator().manual_seed(nb))
+    q = torch.randn(rows, kvh * g, d, generator=torch.Generator().manual_seed(rows))
+    valid = all(
+        1 <= int(n) <= width * bs and all(0 <= int(b) < nb for b in t[: math.ceil(int(n) / bs)])
+        for t, n in zip(tables, lens)
+    )
+    if not valid:
+        with pytest.raises(RuntimeError, match="outside the cache|does not fit its block table"):
+            K.paged_decode(q, kv, tables, lens, 0.5)
+        return
+    torch.testing.assert_close(K.paged_decode(q, kv, tables, lens, 0.5).double(),
+                               reference_decode(q, kv, tables, lens, 0.5), **TOL[torch.float32])
+
+
+@settings(max_examples=60, deadline=None)
+@given(positions=st.lists(st.integers(-3, 260), min_size=1, max_size=6))
+def test_rope_bounds_property(positions):
+    """Positions inside the 256-row table rotate as the eager path does; any
+    other position is a clean error naming it."""
+    from fnllm.model.pangu import rope_cos_sin_cache
+
+    cfg, eager, fused = _backends(torch.float32)
+    cache = rope_cos_sin_cache(cfg, "cpu").float().contiguous()
+    pos = torch.tensor(positions)
+    qkv = torch.randn(len(positions), (6 + 2 * 2) * 16, generator=torch.Generator().manual_seed(len(positions)))
+    if not all(0 <= p < cache.shape[0] for p in positions):
+        with pytest.raises(RuntimeError, match="outside the table of 256 positions"):
+            K.rope(qkv, pos, cache, 6, 2)
+        return
+    cs = cache.index_select(0, pos)
+    cos, sin = cs[:, :8], cs[:, 8:]
+    meta_e = type("M", (), {"cos": torch.cat((cos, cos), -1).unsqueeze(1), "sin": torch.cat((-sin, sin), -1).unsqueeze(1)})()
+    for a, b in zip(eager.rope_qkv(qkv, meta_e), K.rope(qkv, pos, cache, 6, 2)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_reject_mismatched_shapes():
+    with pytest.raises(RuntimeError, match="weight must match"):
+        K.add_rms_norm(None, torch.zeros(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="x and residual differ"):
+        K.add_rms_norm(torch.zeros(3, 8), torch.zeros(2, 8), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="even"):
+        K.silu_mul(torch.zeros(2, 7))
+    with pytest.raises(RuntimeError, match="positions for"):
+        K.rope(torch.zeros(2, 10 * 16), torch.zeros(3, dtype=torch.int64), torch.zeros(4, 16), 6, 2)
+    with pytest.raises(RuntimeError, match="head size"):
+        K.paged_decode(torch.zeros(1, 4, 8), torch.zeros(2, 4, 4, 2, 16), torch.zeros(1, 1, dtype=torch.int32),
+                       torch.ones(1, dtype=torch.int32), 1.0)

@@ -241,7 +241,7 @@ def test_config_that_cannot_work_is_refused(smollm2_path):
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLM(str(smollm2_path), kv_cache_memory=0)
     with pytest.raises(ValueError, match="block_size"):
-        EngineConfig(cache=CacheConfig(block_size=128), scheduler=SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64))
+        EngineConfig(cache=CacheConfig(block_size=128), scheduler=SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64, max_num_seqs=8))
 
 
 @pytest.mark.parametrize("when", ["prefill", "decode"])

@@ -53,7 +53,7 @@ def engine_configs(draw, max_blocks: int = 24) -> EngineConfig:
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=budget,
-            max_num_seqs=draw(st.integers(1, 6)),
+            max_num_seqs=draw(st.integers(1, min(6, budget))),
             max_model_len=max_len,
             policy=draw(st.sampled_from(("fcfs", "priority"))),
             enable_chunked_prefill=chunking,

@@ -47,13 +47,20 @@ def record(config, evs, path):
             engine.abort_request(f"r{ev[1]}")
         else:
             for _ in range(ev[1]):
-                engine.step()
-                live[engine.state.step - 1] = engine.state
+                _step(engine, live)
     while engine.state.requests:
-        engine.step()
-        live[engine.state.step - 1] = engine.state
+        _step(engine, live)
     rec.close()
     return live
+
+
+def _step(engine, live: dict) -> None:
+    """One engine step; the state after it, keyed by step number (an idle
+    step, with nothing live, does not advance the state and is not recorded)."""
+    before = engine.state.step
+    engine.step()
+    if engine.state.step > before:
+        live[engine.state.step - 1] = engine.state
 
 
 @pytest.fixture

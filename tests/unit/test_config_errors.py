@@ -33,7 +33,9 @@ def test_cache_config_errors(kwargs, field):
         ({"max_model_len": 0}, "max_model_len"),
         ({"policy": "lifo"}, "policy"),
         ({"long_prefill_token_threshold": -1}, "long_prefill_token_threshold"),
-        ({"enable_chunked_prefill": False, "max_num_batched_tokens": 100, "max_model_len": 200}, "chunked prefill"),
+        ({"enable_chunked_prefill": False, "max_num_batched_tokens": 100, "max_model_len": 200, "max_num_seqs": 8},
+         "chunked prefill"),
+        ({"max_num_batched_tokens": 16, "max_num_seqs": 32}, r"max_num_batched_tokens \(16\) must be >= max_num_seqs \(32\)"),
     ],
 )
 def test_scheduler_config_errors(kwargs, field):
@@ -45,14 +47,15 @@ def test_engine_config_budget_below_block_size_without_chunking():
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(
             cache=CacheConfig(block_size=128),
-            scheduler=SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64),
+            scheduler=SchedulerConfig(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=64,
+                                      max_num_seqs=8),
         )
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"dtype": "int8"}, "dtype"), ({"device": "tpu"}, "device"), ({"vocab_size": 0}, "vocab_size"),
-     ({"vocab_size": 10, "eos_token_ids": (10,)}, "eos_token_ids")],
+     ({"vocab_size": 10, "eos_token_ids": (10,)}, "eos_token_ids"), ({"max_logprobs": 0}, "max_logprobs")],
 )
 def test_model_config_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -75,6 +78,7 @@ def test_model_config_errors(kwargs, field):
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
         ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, r"seed must be < 2\*\*64"),
         ({"stop": [""]}, "stop"),
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
         ({"logprobs": -1}, "logprobs"),

@@ -232,8 +232,12 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
               "block_tables and seq_lens must be int32");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "q and kv_cache dtypes differ");
   TORCH_CHECK(q.size(1) % kv_cache.size(3) == 0 && q.size(1) <= 512, "query heads must be a multiple of kv heads, at most 512");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode: q must be [B, H, D] and "
+              "kv_cache [2, blocks, block_size, kv_heads, D]");
+  TORCH_CHECK(block_tables.dim() == 2 && seq_lens.dim() == 1, "paged_decode: block_tables must be 2-D, seq_lens 1-D");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D, "paged_decode: head size ", D, " differs from the cache's ", kv_cache.size(4));
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "block_tables and seq_lens need one row per query");
   const int32_t* tab = block_tables.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {  // every block a row reads must exist: a bad table is an error, not a stray read
@@ -255,8 +259,12 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
 torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor weight, double eps) {
   check(residual, "residual"), check(weight, "weight");
   if (x) check(*x, "x");
+  if (x) TORCH_CHECK(x->sizes() == residual.sizes() && x->scalar_type() == residual.scalar_type(),
+                    "add_rms_norm: x and residual differ in shape or dtype");
+  TORCH_CHECK(residual.dim() >= 1 && weight.dim() == 1 && weight.size(0) == residual.size(-1) &&
+              weight.scalar_type() == residual.scalar_type(), "add_rms_norm: weight must match the last dimension");
   auto out = torch::empty_like(residual);
-  const int64_t n = residual.size(-1), rows = residual.numel() / n;
+  const int64_t n = residual.size(-1), rows = n ? residual.numel() / n : 0;
   FNLLM_DISPATCH(residual.scalar_type(), [&] {
     add_rms_norm_impl<scalar_t>(x ? x->data_ptr<scalar_t>() : nullptr, residual.data_ptr<scalar_t>(),
                                 weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n, static_cast<float>(eps));
@@ -266,6 +274,8 @@ torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residua
 
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   check(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0 && gate_up.size(-1) > 0,
+              "silu_mul: the last dimension must be even and non-empty");
   const int64_t n = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * n);
   auto out = torch::empty({rows, n}, gate_up.options());
   FNLLM_DISPATCH(gate_up.scalar_type(), [&] {
@@ -279,8 +289,15 @@ std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torc
   check(qkv, "qkv"), check(positions, "positions"), check(cos_sin, "cos_sin");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64, "positions must be int64");
   TORCH_CHECK(cos_sin.scalar_type() == torch::kFloat32, "cos_sin must be float32");
-  const int64_t T = qkv.size(0), D = cos_sin.size(1);
+  TORCH_CHECK(qkv.dim() == 2 && cos_sin.dim() == 2 && positions.dim() == 1, "rope: qkv and cos_sin must be 2-D, positions 1-D");
+  const int64_t T = qkv.size(0), D = cos_sin.size(1), P = cos_sin.size(0);
+  TORCH_CHECK(H >= 1 && KVH >= 1 && D % 2 == 0, "rope: head counts must be >= 1 and the head size even");
   TORCH_CHECK(qkv.size(1) == (H + 2 * KVH) * D, "qkv width does not match the head counts");
+  TORCH_CHECK(positions.size(0) == T, "rope: ", positions.size(0), " positions for ", T, " tokens");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)  // the table is read at pos[t]: a position past it is an error, not a stray read
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "rope: position ", pos[t], " of token ", t, " is outside the table of ", P,
+                " positions");
   auto q = torch::empty({T, H, D}, qkv.options()), k = torch::empty({T, KVH, D}, qkv.options());
   FNLLM_DISPATCH(qkv.scalar_type(), [&] {
     rope_impl<scalar_t>(qkv.data_ptr<scalar_t>(), positions.data_ptr<int64_t>(), cos_sin.data_ptr<float>(),

@@ -1,0 +1,103 @@
+"""What a failed device step leaves behind, as pure functions.
+
+When ``executor.execute(plan)`` raises (or is interrupted), the engine keeps
+the state the plan was scheduled from, but the device may already have
+written some of the plan's KV slots. Those writes land in blocks the plan
+allocated, and in the old state such a block can still hold another
+sequence's computed KV (the plan preempted it and reused its blocks) or a
+cached prefix (the plan evicted it). :func:`repair_after_failure` makes the
+old state true again:
+
+- every running sequence whose *computed* slots the plan may have written is
+  preempted by recompute (its blocks freed, its output kept);
+- every block the plan may have written is dropped from the prefix cache.
+
+Probing a failed plan is done with :func:`plan_subset`: a sub-plan writes a
+subset of the slots the whole plan writes, so one repair covers every probe.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from fnllm.blocks import PoolEdit
+from fnllm.config import EngineConfig
+from fnllm.lifecycle import insert_waiting
+from fnllm.state import COLUMNS, BatchPlan, EngineState, Running, Seq, SeqStatus
+
+
+def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
+    """The rows ``rows`` of ``plan`` (every copy kept: copies only write blocks
+    the plan allocated, and are idempotent)."""
+
+    def pick(col: tuple) -> tuple:
+        return tuple(col[i] for i in rows)
+
+    return attrs.evolve(
+        plan,
+        seq_ids=pick(plan.seq_ids),
+        request_ids=pick(plan.request_ids),
+        token_ids=pick(plan.token_ids),
+        positions=pick(plan.positions),
+        block_tables=pick(plan.block_tables),
+        num_samples=pick(plan.num_samples),
+        sample_index=pick(plan.sample_index),
+        output_pos=pick(plan.output_pos),
+        sampling=pick(plan.sampling),
+    )
+
+
+def written_offsets(plan: BatchPlan, block_size: int) -> dict[int, int]:
+    """Block -> the lowest slot offset ``plan`` may write in it (copy
+    destinations are written whole)."""
+    low: dict[int, int] = {}
+    for pos, toks, table in zip(plan.positions, plan.token_ids, plan.block_tables):
+        if not toks:
+            continue
+        first, last = pos // block_size, (pos + len(toks) - 1) // block_size
+        for j in range(first, last + 1):
+            off = pos % block_size if j == first else 0
+            b = table[j]
+            low[b] = min(low.get(b, off), off)
+    for _, dst in plan.copies:
+        low[dst] = 0
+    return low
+
+
+def _clobbered_rows(state: EngineState, low: dict[int, int], bs: int) -> list[int]:
+    """Running rows that hold a written block at a slot they had computed."""
+    run, rows = state.running, []
+    for i, (nc, table) in enumerate(zip(run.num_computed, run.tables)):
+        for j, b in enumerate(table):
+            off = low.get(b)
+            if off is not None and off < min(bs, nc - j * bs):
+                rows.append(i)
+                break
+    return rows
+
+
+def repair_after_failure(state: EngineState, plan: BatchPlan, config: EngineConfig) -> EngineState:
+    """``state`` (the one ``plan`` was scheduled from) with every trace of the
+    plan's possible KV writes made harmless; see the module docstring."""
+    bs = config.cache.block_size
+    low = written_offsets(plan, bs)
+    if not low:
+        return state
+    victims = set(_clobbered_rows(state, low, bs))
+    run, edit = state.running, PoolEdit(state.pool)
+    preempted = []
+    for i in sorted(victims):
+        edit.free_table(run.tables[i])
+        preempted.append(
+            Seq(
+                seq_id=run.seq_ids[i], request_id=run.request_ids[i], index=run.indexes[i],
+                status=SeqStatus.PREEMPTED, output=run.outputs[i], num_output=run.num_output[i],
+                hashes=run.hashes[i],
+            )
+        )
+    for b in sorted(low):
+        edit.uncache(b)
+    keep = [i not in victims for i in range(len(run))]
+    running = Running(*(tuple(v for v, k in zip(getattr(run, c), keep) if k) for c in COLUMNS))
+    waiting = insert_waiting(state.requests, state.waiting, preempted, config.scheduler.policy)
+    return attrs.evolve(state, pool=edit.finish(), running=running, waiting=waiting)
