@@ -215,6 +215,12 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, eos={self.eos_token_ids})"
 
+    def save_pretrained(self, directory) -> None:
+        """Write the tokenizer files (transformers' format) into ``directory``."""
+        if not isinstance(self._backend, _HFBackend):
+            raise ValueError(f"{self.source}: only a transformers tokenizer can be saved")
+        self._backend.tok.save_pretrained(str(directory))
+
     @property
     def eos_token_id(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None
@@ -313,7 +319,9 @@ def _load_directory(directory: Path) -> Tokenizer:
 def _resolve(path: Path) -> Path:
     """The .gguf file or tokenizer directory that ``path`` names; ValueError if none."""
     if path.is_file() and path.suffix == ".gguf":
-        return path
+        from fnllm.model.gguf_cache import converted_dir
+
+        return converted_dir(path) or path  # the converted copy reads in milliseconds
     if path.is_file() and path.name in _TOKENIZER_FILES:
         return path.parent
     if path.is_dir():

@@ -72,7 +72,12 @@ def fetch(quiet: bool = False) -> Path:
 
 
 def main() -> None:
-    print(fetch(quiet=True))
+    path = fetch(quiet=True)
+    print(path)
+    from fnllm.model.gguf_cache import convert, enabled
+
+    if enabled():  # a converted copy, so that start-up skips GGUF parsing (see gguf_cache)
+        print(convert(path))
 
 
 if __name__ == "__main__":

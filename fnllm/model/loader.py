@@ -169,9 +169,14 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if p.is_file():
         if p.suffix != ".gguf":
             raise CheckpointError(f"{p}: a model file must be a .gguf (or give a Hugging Face directory)")
+        from fnllm.model.gguf_cache import converted_dir
         from fnllm.model.gguf_loader import open_gguf
 
-        ckpt = open_gguf(p)
+        copy = converted_dir(p)  # the same tensors, without parsing the GGUF again
+        if copy is not None:
+            ckpt = Checkpoint(str(copy), load_hf_config(copy), _hf_tensors(copy), gguf_path=str(p))
+        else:
+            ckpt = open_gguf(p)
     else:
         ckpt = Checkpoint(str(p), load_hf_config(p), _hf_tensors(p))
     validate(ckpt)
