@@ -192,11 +192,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 class _Server:
     """uvicorn around the app, with fnllm's shutdown: drain on SIGTERM / SIGINT, exit 1 on engine death."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, shutdown_timeout: float, access_log: bool) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, shutdown_timeout: float, access_log: bool,
+                 dead_grace: float) -> None:
         import uvicorn
 
         self.app, self.state = app, app.state.server
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout, self.dead_grace = shutdown_timeout, dead_grace
         config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5, access_log=access_log,
                                 log_level="info")
         server = uvicorn.Server(config)
@@ -240,7 +241,7 @@ class _Server:
     async def _die(self) -> None:
         logger.error("the engine loop died: %s; exiting", self.state.engine.dead_error)
         self.state.exit_code = 1
-        await asyncio.sleep(0.5)  # the streams send their error events
+        await asyncio.sleep(self.dead_grace)  # the streams send their error events
         self.server.should_exit = True
 
     async def serve(self) -> int:
@@ -258,9 +259,11 @@ class _Server:
 
 
 def run_server(engine: AsyncLLMEngine, served_model_names: list[str], *, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None, shutdown_timeout: float = 30.0, access_log: bool = True) -> int:
-    """Serve until SIGTERM / SIGINT (exit code 0) or engine death (1)."""
+               api_key: str | None = None, shutdown_timeout: float = 30.0, access_log: bool = True,
+               dead_grace: float = 1.0) -> int:
+    """Serve until SIGTERM / SIGINT (exit code 0) or engine death (1; after
+    ``dead_grace`` seconds, in which ``/health`` answers 503)."""
     metrics = ServerMetrics(served_model_names[0])
     engine.stat_logger = metrics
     app = build_app(engine, served_model_names, api_key=api_key, metrics=metrics)
-    return asyncio.run(_Server(app, host, port, shutdown_timeout, access_log).serve())
+    return asyncio.run(_Server(app, host, port, shutdown_timeout, access_log, dead_grace).serve())

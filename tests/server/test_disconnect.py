@@ -11,10 +11,10 @@ import time
 
 import httpx
 
-from tests.server.conftest import API_KEY
+from tests.server.conftest import AUTH
 from tests.server.server_support import metric_values
 
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+HEADERS = AUTH
 
 
 async def _stream(client: httpx.AsyncClient, k: int, drop_after: int | None) -> tuple[list[dict], bool]:
