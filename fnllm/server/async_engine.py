@@ -196,22 +196,23 @@ class AsyncLLMEngine:
 
     # -- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - any failure of step() (or of this loop) is the engine's death
+            self._die(e)
+
+    def _loop(self) -> None:
         eng = self.engine
         while True:
             with self._cond:
                 while not self._ops and not eng.has_unfinished_requests():
                     self._cond.wait()
                 ops, self._ops = self._ops, []
-            stop = self._apply(ops)
-            if stop:
+            if self._apply(ops):
                 self._stop_all()
                 return
             if eng.has_unfinished_requests():
-                try:
-                    outs = eng.step()
-                except BaseException as e:  # noqa: BLE001 - any failure of step() is the engine's death
-                    self._die(e)
-                    return
+                outs = eng.step()
                 self.steps += 1
                 self._deliver(outs)
             self._publish()
@@ -275,11 +276,7 @@ class AsyncLLMEngine:
         eng = self.engine
         eng.abort_request(list(self._live))
         if eng.has_unfinished_requests():
-            try:
-                self._deliver(eng.step())
-            except BaseException as e:  # noqa: BLE001
-                self._die(e)
-                return
+            self._deliver(eng.step())
         self._publish()
         for live in list(self._live.values()):
             live.put(EngineDeadError("the engine has shut down"))
