@@ -247,7 +247,6 @@ class ChoiceState:
         self.text = 0
         self.tokens = 0
         self.done = False
-        self.started = False
         self.offset = 0
 
 
