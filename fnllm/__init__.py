@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": ("fnllm.llm", "LLM"),
     "LLMEngine": ("fnllm.engine", "LLMEngine"),
+    "AsyncLLMEngine": ("fnllm.server.async_engine", "AsyncLLMEngine"),
     "SamplingParams": ("fnllm.state", "SamplingParams"),
     "RequestOutput": ("fnllm.outputs", "RequestOutput"),
     "CompletionOutput": ("fnllm.outputs", "CompletionOutput"),

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print results as JSON instead of streaming text")
     g.add_argument("--record", default=None, help="record a replayable trace to this file")
     _add_model_args(g)
+    _add_serve_parser(sub)
     try:
         from fnllm.replay_cli import add_replay_parser
 
@@ -53,6 +54,44 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (see README: Serving)")
+    s.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="as --model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+", default=None, help="name(s) clients use (default: the model)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or FNLLM_API_KEY)")
+    s.add_argument("--max-waiting", type=int, default=None, help="answer 429 when this many requests wait")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true")
+    _add_model_args(s)
+
+
+def cmd_serve(args) -> int:
+    import logging
+    import os
+    from pathlib import Path
+
+    from fnllm.server.api_server import run_server
+    from fnllm.server.async_engine import AsyncLLMEngine
+
+    if args.model_path is not None:
+        args.model = args.model_path
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    api_key = args.api_key or os.environ.get("FNLLM_API_KEY") or None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    llm = _make_llm(args)
+    names = args.served_model_name or [args.model or Path(llm.llm_engine.config.model.model).stem]
+    engine = AsyncLLMEngine.from_llm(llm, max_waiting=args.max_waiting)
+    return run_server(engine, names, host=args.host, port=args.port, api_key=api_key,
+                      shutdown_timeout=args.shutdown_timeout, access_log=not args.disable_uvicorn_access_log)
 
 
 def _sampling(args, overrides: dict | None = None) -> SamplingParams:
@@ -166,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return args.run(args)
     except USER_ERRORS as e:
         print(f"fnllm: error: {e}", file=sys.stderr)

@@ -59,6 +59,7 @@ class _Step:
         self.rows: dict[int, tuple] = {}
         self.preempted: list[Seq] = []
         self.idle_reason = ""
+        self.cache_queries = self.cache_hits = 0  # prefix-cache lookups of admitted seqs, in tokens
 
     # -- preemption -----------------------------------------------------------------
     def _victim(self) -> int:
@@ -193,6 +194,8 @@ class _Step:
                 f"request {req.request_id!r} needs {need} free KV blocks, {edit.num_free - evictable} are free"
             )
             return False
+        if self.config.cache.enable_prefix_caching:
+            self.cache_queries, self.cache_hits = self.cache_queries + total, self.cache_hits + nc
         for b in hits:
             edit.incref(b)
         table = tuple(hits + edit.allocate(need))
@@ -211,7 +214,12 @@ class _Step:
         else:
             running = Running(*(tuple(x for x, ok in zip(c[k], live) if ok) for k in COLUMNS))
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
-        new_state = attrs.evolve(state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1)
+        new_state = attrs.evolve(
+            state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1,
+            num_preemptions=state.num_preemptions + len(self.preempted),
+            prefix_cache_queries=state.prefix_cache_queries + self.cache_queries,
+            prefix_cache_hits=state.prefix_cache_hits + self.cache_hits,
+        )
         return new_state, self._build_plan()
 
     def _build_plan(self) -> BatchPlan:

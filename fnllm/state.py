@@ -259,6 +259,11 @@ class EngineState:
     next_seq_id: int = 0
     next_arrival: int = 0
     step: int = 0
+    # monotonic counters for metrics (not part of the trace digest; no decision reads them):
+    # preemptions so far, and prefix-cache lookups in tokens (queried, found cached)
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 # -- plan and device output --------------------------------------------------------------
