@@ -42,7 +42,11 @@ def main() -> int:
     config = EngineConfig(model=ModelConfig(vocab_size=97, eos_token_ids=(0,)),
                           cache=CacheConfig(block_size=4, num_blocks=256),
                           scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=1024))
-    engine = AsyncLLMEngine(LLMEngine(config, SlowOrDyingExecutor(args.die_after, args.step_delay)))
+    # a dying device kills the engine at its first failed step (with the default of 3, a lone
+    # request on a failing device first ends with finish_reason "error"; see README: Failures)
+    failures = 1 if args.die_after is not None else 3
+    engine = AsyncLLMEngine(LLMEngine(config, SlowOrDyingExecutor(args.die_after, args.step_delay),
+                                      max_consecutive_failures=failures))
     return run_server(engine, ["fake"], host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
                       access_log=False, dead_grace=3.0)
 

@@ -19,11 +19,12 @@ from fnllm.state import SamplingParams
 VOCAB = 97
 
 
-def make_engine(executor=None, **kw) -> AsyncLLMEngine:
+def make_engine(executor=None, failures: int = 3, **kw) -> AsyncLLMEngine:
     config = EngineConfig(model=ModelConfig(vocab_size=VOCAB, eos_token_ids=(0,)),
                           cache=CacheConfig(block_size=4, num_blocks=64),
                           scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64))
-    return AsyncLLMEngine(LLMEngine(config, executor or FakeExecutor(64, 4, vocab_size=VOCAB)), **kw)
+    engine = LLMEngine(config, executor or FakeExecutor(64, 4, vocab_size=VOCAB), max_consecutive_failures=failures)
+    return AsyncLLMEngine(engine, **kw)
 
 
 def params(n_tokens: int = 8) -> SamplingParams:
@@ -151,8 +152,10 @@ class DyingExecutor(FakeExecutor):
 
 
 def test_engine_death_ends_every_stream_with_an_error():
+    # one failed step is death here (max_consecutive_failures=1); with the default 3,
+    # a device failing on two requests first ends both with finish_reason "error"
     dead = []
-    engine = make_engine(DyingExecutor(after=3), on_dead=dead.append)
+    engine = make_engine(DyingExecutor(after=3), failures=1, on_dead=dead.append)
 
     async def consume(rid):
         got = []
@@ -165,6 +168,7 @@ def test_engine_death_ends_every_stream_with_an_error():
         return await asyncio.gather(consume("a"), consume("b"))
 
     run(main())
+    engine._thread.join(10)  # the streams learn of the death before the thread calls on_dead and exits
     assert len(dead) == 1 and engine.errored and not engine.is_running
 
     async def late():
