@@ -16,7 +16,11 @@ predicts for the roomy config, so that queues form but do not run away.
 Prints one JSON object.
 
     python benchmarks/bench_simulator.py [--dtype bfloat16] [--requests 40] [--rate R] [--cost FILE]
-        [--speed-requests 100000] [--skip-real] [--save-cost FILE] [--threads 1] [--grid standard|quick]
+        [--speed-requests 100000] [--skip-real] [--save-cost FILE] [--threads 1] [--grid standard|quick] [--clock wall|cpu]
+
+``--clock cpu`` measures both the calibration and the real runs in this
+process's CPU time (one torch thread), so that other jobs on a shared machine
+do not count; arrivals then follow that clock too.
 """
 
 from __future__ import annotations
@@ -51,26 +55,49 @@ def configs(base):
     }
 
 
-def run_real(engine_cls, config, executor, work) -> dict:
-    """The real engine on the model: wall clock, requests added as they arrive."""
-    engine = engine_cls(config, executor, None, clock=time.monotonic)
+class CpuClock:
+    """This process's CPU time, plus the idle gaps skipped while waiting for
+    arrivals: on a shared machine, time that other processes take from us
+    does not count (``--clock cpu``; one torch thread)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.process_time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        self.offset += max(0.0, seconds)
+
+
+class WallClock:
+    def __call__(self) -> float:
+        return time.perf_counter()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+
+def run_real(engine_cls, config, executor, work, clock) -> dict:
+    """The real engine on the model: requests added as their arrival time passes."""
+    engine = engine_cls(config, executor, None, clock=clock)
     vocab, avoid = config.model.vocab_size, frozenset(config.model.eos_token_ids)
     ids = [list(prompt_ids(it, k, vocab, avoid)) for k, it in enumerate(work)]
     arrival, first, finish, out_len = {}, {}, {}, {}
     preempt, peak, k, n = 0, 0, 0, len(work)
-    t0 = time.perf_counter()
+    t0 = clock()
     while k < n or engine.has_unfinished_requests():
-        now = time.perf_counter() - t0
+        now = clock() - t0
         while k < n and work[k].arrival <= now:
             engine.add_request(work[k].request_id, ids[k], _request_params(work[k]))
             arrival[work[k].request_id] = work[k].arrival
             k += 1
         if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, work[k].arrival - (time.perf_counter() - t0)))
+            clock.sleep(work[k].arrival - (clock() - t0))
             continue
         before = engine.state.running.seq_ids
         outs = engine.step()
-        t = time.perf_counter() - t0
+        t = clock() - t0
         for o in outs:
             if o.request_id not in first and any(c.token_ids for c in o.outputs):
                 first[o.request_id] = t
@@ -117,12 +144,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for calibration and the real runs (1: stable timings on a shared machine)")
     ap.add_argument("--grid", default="standard", choices=("quick", "standard"))
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="wall: real time; cpu: this process's CPU time (calibration and real runs), for a shared machine")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     load_1 = os.getloadavg()[0]
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch_threads": args.threads,
+    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch_threads": args.threads, "clock": args.clock,
            "load_avg_1m_start": round(load_1, 2)}
     from fnllm.calibrate import calibrate
     from fnllm.engine import LLMEngine
@@ -137,7 +166,8 @@ def main() -> None:
         path = args.save_cost or os.path.join(tempfile.mkdtemp(), "cost.json")
         t = time.perf_counter()
         cost = calibrate(None, dtype=args.dtype, device="cpu", out=path, grid_kind=args.grid,
-                         log=lambda *a: print(*a, file=sys.stderr))
+                         log=lambda *a: print(*a, file=sys.stderr),
+                         timer=time.process_time if args.clock == "cpu" else time.perf_counter)
         out["calibrate_s"] = round(time.perf_counter() - t, 1)
     out["fit_mean_abs_rel_error"] = cost.meta.get("fit_mean_abs_rel_error")
     base = llm.llm_engine.config
@@ -151,7 +181,7 @@ def main() -> None:
         pred = sim_metrics(simulate(work, config, cost))
         row = {"predicted": {k: round(pred[k], 4) for k in COMPARED + ("preemptions",)}}
         if not args.skip_real:
-            meas = run_real(LLMEngine, config, llm.llm_engine.executor, work)
+            meas = run_real(LLMEngine, config, llm.llm_engine.executor, work, CpuClock() if args.clock == "cpu" else WallClock())
             row["measured"] = {k: round(meas[k], 4) for k in COMPARED + ("preemptions",)}
             row["rel_error"] = {k: rel(pred[k], meas[k]) for k in COMPARED}
             row["within_10pct"] = all(abs(v) <= 0.10 for v in row["rel_error"].values())

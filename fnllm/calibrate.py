@@ -95,15 +95,15 @@ def grid(kind: str, capacity: int, max_len: int) -> list[list[tuple[int, int, bo
     return shapes
 
 
-def time_plans(executor, plans: list[BatchPlan], repeats: int) -> list[float]:
+def time_plans(executor, plans: list[BatchPlan], repeats: int, timer=time.perf_counter) -> list[float]:
     out = []
     for plan in plans:
         executor.execute(plan)  # warm-up
         ts = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = timer()
             executor.execute(plan)
-            ts.append(time.perf_counter() - t)
+            ts.append(timer() - t)
         out.append(statistics.median(ts))
     return out
 
@@ -144,7 +144,7 @@ def fit(feats: list[dict], times: list[float]) -> dict:
     return {names[c]: float(v) for c, v in zip(cols, x)}
 
 
-def shell_overhead(config: EngineConfig) -> tuple[float, float]:
+def shell_overhead(config: EngineConfig, timer=time.perf_counter) -> tuple[float, float]:
     """Seconds per engine step and per sampled row that the engine itself
     (schedule, commit, outputs) spends, measured with the SimExecutor."""
     from fnllm.engine import LLMEngine
@@ -158,16 +158,18 @@ def shell_overhead(config: EngineConfig) -> tuple[float, float]:
             engine.add_request(f"s{i}", [5 + i % 50] * 16, SamplingParams(max_tokens=80, ignore_eos=True))
         for _ in range(5):
             engine.step()
-        t, n = time.perf_counter(), 50
+        t, n = timer(), 50
         for _ in range(n):
             engine.step()
-        res.append((time.perf_counter() - t) / n)
+        res.append((timer() - t) / n)
     per_row = max(0.0, (res[1] - res[0]) / 31)
     return max(0.0, res[0] - per_row), per_row
 
 
 def calibrate(model: str | None, *, dtype: str = "float32", device: str = "auto", out: str, grid_kind: str = "standard",
-              repeats: int = 3, log=print) -> CostModel:
+              repeats: int = 3, log=print, timer=time.perf_counter) -> CostModel:
+    """See the module docstring. ``timer``: wall clock by default; the
+    validation benchmark can pass ``time.process_time`` on a shared machine."""
     from fnllm.device.executor import ModelExecutor
     from fnllm.llm import DEFAULT_KV_MEMORY, _model_path
     from fnllm.trace import config_to_json
@@ -185,10 +187,10 @@ def calibrate(model: str | None, *, dtype: str = "float32", device: str = "auto"
     capacity = int(executor.num_blocks * executor.block_size * 0.9)
     plans = [make_plan(rows, blocks, executor.vocab_size) for rows in grid(grid_kind, capacity, config.scheduler.max_model_len)]
     log(f"calibrating {path} ({dtype}, {executor.device}) on {len(plans)} step shapes x {repeats} repeats ...")
-    times = time_plans(executor, plans, repeats)
+    times = time_plans(executor, plans, repeats, timer)
     feats = [features(p) for p in plans]
     coef = fit(feats, times)
-    shell_step, shell_row = shell_overhead(config)
+    shell_step, shell_row = shell_overhead(config, timer)
     cost0 = CostModel(coefficients=coef)
     errs = []
     log(f"{'rows':>5} {'tokens':>6} {'decode ctx':>10} {'measured ms':>11} {'fitted ms':>9} {'error':>7}")
