@@ -4,7 +4,7 @@ Format (JSON lines, ``"version": 2``; version 1, the same without
 ``arrival``, is still read), one record per line, in the order things
 happened:
 
-- ``{"type": "header", "version": 1, "config": {...}}``
+- ``{"type": "header", "version": 2, "config": {...}}``
 - ``{"type": "add", "step": s, "request": {...}, "arrival": t}`` (request with its prompt ids and
   sampling; ``t`` the engine clock's reading when it was added, seconds; a workload for ``fnllm simulate``)
 - ``{"type": "abort", "step": s, "request_id": ...}``
