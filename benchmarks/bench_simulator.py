@@ -129,10 +129,11 @@ def speed(cost, config, n: int) -> dict:
     probe = synthetic("n=2000,rate=1,prompt=U(16,128),output=U(8,64),seed=1")
     rate = 0.9 * capacity_rate(probe, config, cost)
     work = synthetic(f"n={n},rate={rate},prompt=U(16,128),output=U(8,64),seed=1")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = simulate(work, config, cost)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     return {"requests": n, "rate_rps": round(rate, 2), "wall_s": round(wall, 2), "requests_per_s": round(n / wall, 1),
+            "cpu_s": round(cpu, 2), "requests_per_cpu_s": round(n / cpu, 1),
             "steps": res.steps, "steps_per_s": round(res.steps / wall, 1), "us_per_step": round(wall / res.steps * 1e6, 1),
             "generated_tokens": sum(res.output_len.values()), "target_requests_per_s": 5000}
 
