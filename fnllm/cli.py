@@ -1,4 +1,5 @@
-"""The ``fnllm`` command line: ``generate`` (and ``replay``, see fnllm.replay_cli).
+"""The ``fnllm`` command line: ``generate`` (and ``replay``, see fnllm.replay_cli;
+``simulate`` and ``calibrate``, see fnllm.sim_cli).
 
 Bad input (a bad flag value, a missing file, a prompt that cannot be
 served) prints one ``fnllm: error: ...`` line and exits 2, never a traceback.
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_replay_parser(sub)
     except ImportError:
         pass
+    from fnllm.sim_cli import add_sim_parsers
+
+    add_sim_parsers(sub)
     return parser
 
 

@@ -212,7 +212,7 @@ class LLMEngine:
         self.state = out
         self._tracks[request_id] = _Track(request_id, text, ids, params, self.tokenizer)
         if self.recorder is not None:
-            self.recorder.add(self.state.step, out.requests[request_id])
+            self.recorder.add(self.state.step, out.requests[request_id], arrival=self._clock())
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one or several requests; unknown, finished or already aborted

@@ -1,10 +1,12 @@
 """Traces: record a run, replay it bit for bit through the pure core.
 
-Format (JSON lines, ``"version": 1``), one record per line, in the order
-things happened:
+Format (JSON lines, ``"version": 2``; version 1, the same without
+``arrival``, is still read), one record per line, in the order things
+happened:
 
-- ``{"type": "header", "version": 1, "config": {...}}``
-- ``{"type": "add", "step": s, "request": {...}}`` (request with its prompt ids and sampling)
+- ``{"type": "header", "version": 2, "config": {...}}``
+- ``{"type": "add", "step": s, "request": {...}, "arrival": t}`` (request with its prompt ids and
+  sampling; ``t`` the engine clock's reading when it was added, seconds; a workload for ``fnllm simulate``)
 - ``{"type": "abort", "step": s, "request_id": ...}``
 - ``{"type": "finish", "step": s, "request_id": ..., "index": i}`` (a stop string found by the engine)
 - ``{"type": "fault", "step": s, "plan": <digest>, "errors": [request_id, ...]}``: the plan scheduled
@@ -36,7 +38,8 @@ from fnllm.schedule import schedule
 from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
 from fnllm.step import commit
 
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 # -- digests -----------------------------------------------------------------------
@@ -138,8 +141,11 @@ class TraceWriter:
     def start(self, config: EngineConfig) -> None:
         self._write({"type": "header", "version": VERSION, "config": config_to_json(config)})
 
-    def add(self, step: int, request: Request) -> None:
-        self._write({"type": "add", "step": step, "request": request_to_json(request)})
+    def add(self, step: int, request: Request, arrival: float | None = None) -> None:
+        rec = {"type": "add", "step": step, "request": request_to_json(request)}
+        if arrival is not None:
+            rec["arrival"] = arrival
+        self._write(rec)
 
     def abort(self, step: int, request_id: str) -> None:
         self._write({"type": "abort", "step": step, "request_id": request_id})
@@ -184,8 +190,8 @@ def read_trace(path: str) -> Trace:
             raise ValueError(f"{path}: line {k + 1} is not valid JSON")
     if not records or records[0].get("type") != "header":
         raise ValueError(f"{path}: not an fnllm trace (no header line)")
-    if records[0].get("version") != VERSION:
-        raise ValueError(f"{path}: trace version {records[0].get('version')} is not supported (expected {VERSION})")
+    if records[0].get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: trace version {records[0].get('version')} is not supported (expected one of {READABLE_VERSIONS})")
     return Trace(config=config_from_json(records[0]["config"]), events=tuple(records[1:]), truncated=truncated)
 
 

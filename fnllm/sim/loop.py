@@ -1,0 +1,166 @@
+"""The virtual clock and the simulation loop.
+
+The loop is the serving shell: a real :class:`fnllm.engine.LLMEngine` (its
+``add_request`` and ``step``, hence the same ``schedule`` and ``commit``)
+with a :class:`~fnllm.sim.executor.SimExecutor` and a clock that reads
+virtual time. Requests are added when virtual time reaches their arrival;
+after each step ``now += cost.step_seconds(engine.last_plan)``; when nothing
+is live, time jumps to the next arrival. Nothing here reads a real clock.
+
+Measured per request: arrival, the end of the step that produced its first
+token, and its finish; per step: time, KV blocks in use, running and
+waiting counts (for plots), and preemptions (a sequence that was running
+before a step and is back in the waiting queue after it).
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Callable
+
+import attrs
+
+from fnllm.config import EngineConfig
+from fnllm.engine import LLMEngine
+from fnllm.sim.cost import CostModel
+from fnllm.sim.executor import SimExecutor, filler_token
+from fnllm.sim.workload import WorkItem, prompt_ids
+from fnllm.state import SamplingParams
+
+
+class VirtualClock:
+    """A clock the loop moves: ``clock()`` reads ``now``."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@attrs.define
+class SimResult:
+    config: EngineConfig
+    arrival: dict  # request id -> seconds
+    first_token: dict  # request id -> end of the step that produced its first token
+    finish: dict  # request id -> end of the step that finished it
+    output_len: dict  # request id -> tokens generated (all samples)
+    steps: int = 0
+    preemptions: int = 0
+    rejected: dict = attrs.field(factory=dict)  # request id -> reason
+    # per step (possibly thinned to at most `series_points`): time, blocks in use, running, waiting
+    series: list = attrs.field(factory=list)
+    peak_kv_blocks: int = 0
+    plans: list | None = None  # every plan, when asked for (tests)
+    add_steps: dict = attrs.field(factory=dict)  # request id -> engine step at which it was added
+
+
+def _request_params(item: WorkItem) -> SamplingParams:
+    return SamplingParams(max_tokens=item.output_len, ignore_eos=True, temperature=0.0)
+
+
+class _EngineShell:
+    """The serving shell itself: LLMEngine.add_request / step."""
+
+    def __init__(self, config, executor, clock) -> None:
+        self.engine = LLMEngine(config, executor, None, clock=clock)
+
+    @property
+    def state(self):
+        return self.engine.state
+
+    def add(self, rid: str, ids: list[int], params: SamplingParams) -> str | None:
+        try:
+            self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self, res: "SimResult", now_after: Callable[[object], float]):
+        outs = self.engine.step()
+        plan = self.engine.last_plan
+        now = now_after(plan)
+        for out in outs:
+            rid = out.request_id
+            if rid not in res.first_token and any(c.token_ids for c in out.outputs):
+                res.first_token[rid] = now
+            if out.finished:
+                res.finish[rid] = now
+                res.output_len[rid] = sum(len(c.token_ids) for c in out.outputs)
+        return plan
+
+
+
+
+def simulate(
+    workload: tuple[WorkItem, ...] | list[WorkItem],
+    config: EngineConfig,
+    cost: CostModel,
+    *,
+    executor=None,
+    keep_plans: bool = False,
+    series_points: int = 20_000,
+) -> SimResult:
+    """Run ``workload`` on a virtual clock; see the module docstring.
+
+    ``executor`` replaces the SimExecutor (tests drive the fake
+    device this way). Requests the engine rejects (too long for
+    ``max_model_len`` or the pool) are listed in ``rejected`` and the rest
+    run on, as in serving."""
+    work = sorted(workload, key=lambda it: it.arrival)
+    vocab, eos = config.model.vocab_size, config.model.eos_token_ids
+    clock = VirtualClock(work[0].arrival if work else 0.0)
+    ex = executor if executor is not None else SimExecutor(filler_token(vocab, eos))
+    sh = _EngineShell(config, ex, clock)
+    res = SimResult(config=config, arrival={}, first_token={}, finish={}, output_len={}, plans=[] if keep_plans else None)
+    avoid = frozenset(eos)
+    num_blocks, k, n = config.cache.num_blocks, 0, len(work)
+    thin = 1
+
+    def advance(plan) -> float:
+        clock.now += cost.step_seconds(plan)
+        return clock.now
+
+    while k < n or sh.busy():
+        while k < n and work[k].arrival <= clock.now:
+            item = work[k]
+            why = sh.add(item.request_id, list(prompt_ids(item, k, vocab, avoid)), _request_params(item))
+            if why is None:
+                res.arrival[item.request_id] = item.arrival
+                res.add_steps[item.request_id] = sh.state.step
+            else:
+                res.rejected[item.request_id] = why
+            k += 1
+        if not sh.busy():
+            if k < n:
+                clock.now = max(clock.now, work[k].arrival)
+            continue
+        before = sh.state.running.seq_ids
+        t0 = clock.now
+        plan = sh.step(res, advance)
+        if not len(plan) and clock.now == t0:
+            if k >= n:
+                raise RuntimeError(f"the engine made no progress at step {plan.step} with nothing left to arrive: "
+                                   f"{plan.idle_reason or 'no reason given'}")
+            clock.now = max(clock.now, work[k].arrival)  # nothing schedulable until more arrives
+        state = sh.state
+        res.steps += 1
+        if keep_plans:
+            res.plans.append(plan)
+        after = state.running.seq_ids
+        if before and len(after) <= len(before):
+            dropped = set(before).difference(after)
+            if dropped:
+                res.preemptions += sum(1 for s in islice(state.waiting, len(dropped)) if s.seq_id in dropped)
+        used = num_blocks - state.pool.num_free
+        if used > res.peak_kv_blocks:
+            res.peak_kv_blocks = used
+        if res.steps % thin == 0:
+            res.series.append((clock.now, used, len(after), len(state.waiting)))
+            if len(res.series) >= 2 * series_points:
+                res.series = res.series[::2]
+                thin *= 2
+    return res
