@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig
 from fnllm.device.fake import FakeExecutor
 from fnllm.engine import LLMEngine
 from fnllm.sim.cost import CostModel, features, load_cost_model
