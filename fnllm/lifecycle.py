@@ -3,7 +3,8 @@
 ``add_request`` answers a request that can never be served with a
 :class:`~fnllm.state.Rejection` value naming the reason, and leaves the state
 as it was; every other function here returns a new state and never mutates
-its argument. Removing a sequence always returns all of its blocks.
+its argument. Removing a sequence always returns all of its blocks (device
+blocks when running, host blocks when swapped).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from fnllm.state import COLUMNS, EngineState, Rejection, Request, Running, Seq
 
 
 def initial_state(config: EngineConfig) -> EngineState:
-    return EngineState(pool=new_pool(config.cache.num_blocks, config.cache.block_size))
+    c = config.cache
+    return EngineState(pool=new_pool(c.num_blocks, c.block_size, c.num_host_blocks))
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -113,6 +115,7 @@ def _drop(state: EngineState, request_id: str, index: int | None) -> EngineState
     run = state.running
     keep = [not hit(r, i) for r, i in zip(run.request_ids, run.indexes)]
     waiting = tuple(s for s in state.waiting if not hit(s.request_id, s.index))
+    swapped = [s.swapped for s in state.waiting if s.swapped and hit(s.request_id, s.index)]
     removed = keep.count(False) + len(state.waiting) - len(waiting)
     if removed == 0:
         return state
@@ -120,6 +123,8 @@ def _drop(state: EngineState, request_id: str, index: int | None) -> EngineState
     edit = PoolEdit(state.pool)
     for t in tables:
         edit.free_table(t)
+    for t in swapped:  # a swapped sequence's host blocks
+        edit.host.free_table(t)
     left = state.alive[request_id] - removed
     requests, alive = state.requests, state.alive
     if left == 0:

@@ -50,6 +50,11 @@ def state_digest(state: EngineState) -> str:
         h.update(repr(col).encode())
     h.update(repr([o[0] if o else None for o in run.outputs]).encode())
     h.update(repr([(s.seq_id, s.request_id, s.index, s.status.value, s.num_output) for s in state.waiting]).encode())
+    swapped = [(s.seq_id, s.num_computed, s.swapped) for s in state.waiting if s.swapped]
+    if swapped or (pool.host is not None and pool.host.num_blocks):
+        host = pool.host
+        hc = (host.num_stack, host.fresh, host.num_lru, host.lru_head, host.lru_tail, len(host.hash_of))
+        h.update(repr((swapped, hc, sorted(host.ref.items()))).encode())
     h.update(repr(sorted(state.alive.items())).encode())
     h.update(repr((state.next_seq_id, state.next_arrival, state.step)).encode())
     counters = (pool.num_stack, pool.fresh, pool.num_lru, pool.lru_head, pool.lru_tail, len(pool.hash_of))
@@ -100,6 +105,8 @@ def plan_to_json(plan: BatchPlan) -> dict:
         "block_tables": [list(t) for t in plan.block_tables],
         "num_samples": list(plan.num_samples),
         "copies": [list(c) for c in plan.copies],
+        "swap_out": [list(c) for c in plan.swap_out],
+        "swap_in": [list(c) for c in plan.swap_in],
     }
 
 
