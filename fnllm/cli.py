@@ -24,6 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--swap-space", type=float, default=None, help="GiB of host memory for the host KV tier")
+    p.add_argument("--preemption-mode", default="recompute", choices=("recompute", "swap"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +78,7 @@ def _make_llm(args):
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
+        swap_space=args.swap_space, preemption_mode=args.preemption_mode,
     )
 
 

@@ -4,6 +4,11 @@
 demo SmolLM2 model when ``model`` is None), sizes the KV cache from
 ``num_kv_blocks`` or ``kv_cache_memory`` (bytes), and serves ``generate``
 and ``chat`` through an :class:`~fnllm.engine.LLMEngine`.
+
+``swap_space`` (GiB of host memory, vLLM's name) sizes the host KV tier:
+swapped-out sequences under ``preemption_mode="swap"`` and, with prefix
+caching, cached blocks evicted from the device. Default: 4 GiB under swap
+preemption, none otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from fnllm.outputs import RequestOutput
 from fnllm.state import SamplingParams
 
 DEFAULT_KV_MEMORY = 1 << 30  # 1 GiB
+DEFAULT_SWAP_SPACE = 4  # GiB, vLLM's default, used under preemption_mode="swap"
 
 
 def _model_path(model: str | None) -> str:
@@ -48,6 +54,8 @@ class LLM:
         long_prefill_token_threshold: int = 0,
         attn_backend: str | None = None,
         trace: str | None = None,
+        swap_space: float | None = None,
+        preemption_mode: str = "recompute",
     ) -> None:
         from fnllm.device.executor import ModelExecutor
         from fnllm.tokenizer import load_tokenizer
@@ -58,20 +66,27 @@ class LLM:
         if kv_cache_memory is not None and kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {kv_cache_memory!r}")
         CacheConfig(block_size=block_size, num_blocks=num_kv_blocks or 1)  # validate before loading anything
+        SchedulerConfig(preemption_mode=preemption_mode)
+        if swap_space is None:
+            swap_space = DEFAULT_SWAP_SPACE if preemption_mode == "swap" else 0
+        if isinstance(swap_space, bool) or not isinstance(swap_space, (int, float)) or not swap_space >= 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space!r}")
         self.tokenizer = load_tokenizer(path)
         executor = ModelExecutor(
             path, dtype=dtype, device=device, num_blocks=num_kv_blocks, kv_cache_bytes=None if num_kv_blocks else kv_cache_memory,
-            block_size=block_size, seed=seed, attn_backend=attn_backend,
+            block_size=block_size, seed=seed, attn_backend=attn_backend, swap_space_bytes=int(swap_space * (1 << 30)),
         )
         max_len = max_model_len or min(executor.max_position_embeddings, 4096)
         budget = max_num_batched_tokens or max(2048, 0 if enable_chunked_prefill else max_len)
         eos = tuple(sorted(set(executor.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         config = EngineConfig(
             model=ModelConfig(model=path, dtype=dtype, device=device, seed=seed, vocab_size=executor.vocab_size, eos_token_ids=eos),
-            cache=CacheConfig(block_size=block_size, num_blocks=executor.num_blocks, enable_prefix_caching=enable_prefix_caching),
+            cache=CacheConfig(block_size=block_size, num_blocks=executor.num_blocks, enable_prefix_caching=enable_prefix_caching,
+                              num_host_blocks=executor.num_host_blocks),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_len, policy=policy,
                 enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,
+                preemption_mode=preemption_mode,
             ),
         )
         recorder = None
