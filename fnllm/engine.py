@@ -32,6 +32,7 @@ class _Track:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.tokenizer = tokenizer
         self.completions: dict[int, CompletionOutput] = {}
+        self.num_cached_tokens: int | None = None
         self.detoks: dict[int, object] = {}
         self.full_text: dict[int, str] = {}
 
@@ -91,7 +92,7 @@ class _Track:
         ]
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
-            outputs=outs, finished=finished,
+            outputs=outs, finished=finished, num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -113,6 +114,7 @@ class LLMEngine:
         self._clock, self.recorder = clock, recorder
         self._tracks: dict[str, _Track] = {}
         self._aborted: list[str] = []
+        self._unscheduled: set[str] = set()  # requests not yet in a plan (num_cached_tokens unknown)
         self.last_plan: BatchPlan | None = None
         if recorder is not None:
             recorder.start(config)
@@ -154,6 +156,7 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} rejected: {out.reason}")
         self.state = out
         self._tracks[request_id] = _Track(request_id, text, ids, params, self.tokenizer)
+        self._unscheduled.add(request_id)
         if self.recorder is not None:
             self.recorder.add(self.state.step, out.requests[request_id])
 
@@ -184,12 +187,22 @@ class LLMEngine:
         self.state, self.last_plan = state, plan
         if self.recorder is not None:
             self.recorder.step(plan, output, state)
+        if self._unscheduled:
+            self._note_cached(plan)
         return results + self._absorb(news)
+
+    def _note_cached(self, plan: BatchPlan) -> None:
+        """A request's first plan row starts at its cached prefix (any tier)."""
+        for rid, pos in zip(plan.request_ids, plan.positions):
+            if rid in self._unscheduled:
+                self._unscheduled.discard(rid)
+                self._tracks[rid].num_cached_tokens = pos
 
     def _drain_aborted(self) -> list[RequestOutput]:
         results = []
         for rid in self._aborted:
             track = self._tracks.pop(rid)
+            self._unscheduled.discard(rid)
             for i in range(track.params.n):
                 c = track.completion(i)
                 if c.finish_reason is None:

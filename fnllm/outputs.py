@@ -30,6 +30,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # prompt tokens whose KV came from a cache tier (device or host) when the
+    # request was first scheduled; None until then (vLLM's field)
+    num_cached_tokens: int | None = None
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

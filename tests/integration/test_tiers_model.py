@@ -123,12 +123,14 @@ def test_host_prefix_cache_hit_equals_recompute(llm, tmp_path):
     before = moves(trace)
     assert before[0] > 0, "eviction was meant to offload blocks to the host tier"
     eng.add_request("again", {"prompt_token_ids": prompts[1]}, GREEDY)
-    done = {}
+    done, cached = {}, None
     while eng.has_unfinished_requests():
         for out in eng.step():
+            cached = out.num_cached_tokens
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
     eng.recorder.close()
     assert done["again"] == cold["q0"]
+    assert cached == (len(sys_ids) // 16) * 16, "the system prompt's full blocks came from the cache tiers"
     assert moves(trace)[1] > before[1], "the second request's prefix came back by swap_in"
     assert verify(read_trace(str(trace))) is None

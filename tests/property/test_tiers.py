@@ -234,3 +234,31 @@ def test_swapping_a_row_planned_earlier_in_the_step_keeps_only_computed_kv():
     ref.add(req("hi", range(20, 28)))
     ref.drain(100)
     assert run.tokens == ref.tokens
+
+
+def test_num_cached_tokens_and_prefix_cache_counters():
+    """RequestOutput.num_cached_tokens counts prompt tokens from any cache
+    tier; the state counts prefix-cache queries and hits in tokens."""
+    from fnllm.engine import LLMEngine
+
+    config = cfg(num_blocks=6, host=8, mode="recompute", caching=True)
+    eng = LLMEngine(config, FakeExecutor(6, 4, VOCAB, EOS), clock=lambda: 0.0)
+    sp = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def one(rid, prompt):
+        eng.add_request(rid, list(prompt), sp)
+        outs = []
+        while eng.has_unfinished_requests():
+            outs += [o for o in eng.step() if o.finished]
+        return outs[-1]
+
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks
+    assert one("a", prompt).num_cached_tokens == 0
+    assert one("b", prompt).num_cached_tokens == 12  # device tier
+    assert (eng.state.prefix_cache_queries, eng.state.prefix_cache_hits) == (26, 12)
+    one("filler", range(40, 60))  # evicts the prompt's blocks to the host tier
+    assert eng.state.pool.host.hash_of
+    out = one("c", prompt)
+    assert out.num_cached_tokens == 12 and eng.last_plan.swap_in  # host tier
+    assert eng.state.prefix_cache_hits == 24
+    assert eng.state.num_preemptions == 0
