@@ -108,8 +108,10 @@ class LLMEngine:
         *,
         clock: Callable[[], float] = time.monotonic,
         recorder=None,
+        kv_offload=None,
     ) -> None:
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
+        self.kv_offload = kv_offload  # the disk KV tier's hooks (fnllm.device.kv_disk.KVOffload), or None
         self.state: EngineState = initial_state(config)
         self._clock, self.recorder = clock, recorder
         self._tracks: dict[str, _Track] = {}
@@ -159,6 +161,10 @@ class LLMEngine:
         self._unscheduled.add(request_id)
         if self.recorder is not None:
             self.recorder.add(self.state.step, out.requests[request_id])
+        if self.kv_offload is not None:  # disk reads happen here, before the step that needs them
+            self.state, first, count = self.kv_offload.stage(self.state, request_id)
+            if count and self.recorder is not None:
+                self.recorder.stage(self.state.step, request_id, first, count)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one or several requests; unknown or finished ids are ignored.
@@ -189,6 +195,8 @@ class LLMEngine:
             self.recorder.step(plan, output, state)
         if self._unscheduled:
             self._note_cached(plan)
+        if self.kv_offload is not None:
+            self.kv_offload.save(plan, state)
         return results + self._absorb(news)
 
     def _note_cached(self, plan: BatchPlan) -> None:

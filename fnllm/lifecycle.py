@@ -148,3 +148,28 @@ def finish_sequence(state: EngineState, request_id: str, index: int) -> EngineSt
     if request_id not in state.requests:
         return state
     return _drop(state, request_id, index)
+
+
+def stage_blocks(state: EngineState, request_id: str, first: int, count: int) -> tuple[EngineState, tuple[int, ...]]:
+    """Name prompt blocks ``first .. first+count-1`` of a waiting request in
+    the host tier, as free cached blocks (the disk tier's reads land there;
+    the shell then fills those host blocks). Returns the host block of each,
+    in order; fewer than ``count`` when the host tier runs out of free blocks
+    or a block is already cached in some tier (staging stops there)."""
+    req = state.requests.get(request_id)
+    if req is None or count <= 0:
+        return state, ()
+    pool, bs = state.pool, state.pool.block_size
+    edit = PoolEdit(pool)
+    host, got = edit.host, []
+    hashes, prompt = req.block_hashes, req.prompt_token_ids
+    for j in range(first, min(first + count, len(hashes))):
+        h = hashes[j]
+        if h in edit.by_hash or h in host.by_hash or host.num_free <= 0:
+            break
+        b = host.take()
+        host.cache(b, h, (hashes[j - 1] if j else None, prompt[j * bs : (j + 1) * bs], req.extra_keys))
+        got.append(b)
+    for b in got:  # free and cached: evictable like any cached host block
+        host.decref(b)
+    return attrs.evolve(state, pool=edit.finish()), tuple(got)

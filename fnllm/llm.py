@@ -8,7 +8,8 @@ and ``chat`` through an :class:`~fnllm.engine.LLMEngine`.
 ``swap_space`` (GiB of host memory, vLLM's name) sizes the host KV tier:
 swapped-out sequences under ``preemption_mode="swap"`` and, with prefix
 caching, cached blocks evicted from the device. Default: 4 GiB under swap
-preemption, none otherwise.
+preemption or with a disk tier, none otherwise. ``kv_offload_dir`` adds the
+disk tier (:mod:`fnllm.device.kv_disk`), bounded by ``kv_offload_bytes``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from fnllm.outputs import RequestOutput
 from fnllm.state import SamplingParams
 
 DEFAULT_KV_MEMORY = 1 << 30  # 1 GiB
-DEFAULT_SWAP_SPACE = 4  # GiB, vLLM's default, used under preemption_mode="swap"
+DEFAULT_SWAP_SPACE = 4  # GiB, vLLM's default, used under preemption_mode="swap" or with a disk tier
+DEFAULT_KV_OFFLOAD_BYTES = 16 << 30
 
 
 def _model_path(model: str | None) -> str:
@@ -56,6 +58,8 @@ class LLM:
         trace: str | None = None,
         swap_space: float | None = None,
         preemption_mode: str = "recompute",
+        kv_offload_dir: str | None = None,
+        kv_offload_bytes: int = DEFAULT_KV_OFFLOAD_BYTES,
     ) -> None:
         from fnllm.device.executor import ModelExecutor
         from fnllm.tokenizer import load_tokenizer
@@ -67,8 +71,12 @@ class LLM:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {kv_cache_memory!r}")
         CacheConfig(block_size=block_size, num_blocks=num_kv_blocks or 1)  # validate before loading anything
         SchedulerConfig(preemption_mode=preemption_mode)
+        if kv_offload_dir is not None and not enable_prefix_caching:
+            raise ValueError("kv_offload_dir needs enable_prefix_caching (blocks are named by their prefix-cache hash)")
+        if not isinstance(kv_offload_bytes, int) or isinstance(kv_offload_bytes, bool) or kv_offload_bytes <= 0:
+            raise ValueError(f"kv_offload_bytes must be a positive integer, got {kv_offload_bytes!r}")
         if swap_space is None:
-            swap_space = DEFAULT_SWAP_SPACE if preemption_mode == "swap" else 0
+            swap_space = DEFAULT_SWAP_SPACE if preemption_mode == "swap" or kv_offload_dir is not None else 0
         if isinstance(swap_space, bool) or not isinstance(swap_space, (int, float)) or not swap_space >= 0:
             raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space!r}")
         self.tokenizer = load_tokenizer(path)
@@ -94,7 +102,12 @@ class LLM:
             from fnllm.trace import TraceWriter
 
             recorder = TraceWriter(trace)
-        self.llm_engine = LLMEngine(config, executor, self.tokenizer, recorder=recorder)
+        offload = None
+        if kv_offload_dir is not None:
+            from fnllm.device.kv_disk import open_offload
+
+            offload = open_offload(executor, kv_offload_dir, kv_offload_bytes)
+        self.llm_engine = LLMEngine(config, executor, self.tokenizer, recorder=recorder, kv_offload=offload)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

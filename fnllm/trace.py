@@ -7,6 +7,8 @@ things happened:
 - ``{"type": "add", "step": s, "request": {...}}`` (request with its prompt ids and sampling)
 - ``{"type": "abort", "step": s, "request_id": ...}``
 - ``{"type": "finish", "step": s, "request_id": ..., "index": i}`` (a stop string found by the engine)
+- ``{"type": "stage", "step": s, "request_id": ..., "first": j, "count": k}`` (prompt blocks
+  ``j .. j+k-1`` of a request read from the disk tier into the host tier)
 - ``{"type": "step", "step": s, "plan": <plan digest>, "state": <state digest after commit>,
   "n": <rows>, "sampled": [[...], ...], "logprobs": ... | null, "rows": <the plan>}``
 
@@ -27,7 +29,7 @@ from typing import Iterator
 import attrs
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
+from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state, stage_blocks
 from fnllm.schedule import schedule
 from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
 from fnllm.step import commit
@@ -150,6 +152,9 @@ class TraceWriter:
     def finish(self, step: int, request_id: str, index: int) -> None:
         self._write({"type": "finish", "step": step, "request_id": request_id, "index": index})
 
+    def stage(self, step: int, request_id: str, first: int, count: int) -> None:
+        self._write({"type": "stage", "step": step, "request_id": request_id, "first": first, "count": count})
+
     def step(self, plan: BatchPlan, output: StepOutput, state: EngineState) -> None:
         rec = {"type": "step", "step": plan.step, "plan": plan_digest(plan), "state": state_digest(state), "n": len(plan)}
         rec.update(output_to_json(output))
@@ -215,6 +220,11 @@ def apply_event(state: EngineState, event: dict, config: EngineConfig) -> Engine
         return abort_request(state, event["request_id"])
     if kind == "finish":
         return finish_sequence(state, event["request_id"], event["index"])
+    if kind == "stage":
+        staged, got = stage_blocks(state, event["request_id"], event["first"], event["count"])
+        if len(got) != event["count"]:
+            raise ValueError(f"recorded stage of {event['count']} blocks of {event['request_id']!r} stages {len(got)} on replay")
+        return staged
     raise ValueError(f"unknown trace event type {kind!r}")
 
 

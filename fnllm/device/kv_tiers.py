@@ -49,3 +49,15 @@ class HostKV:
             for d_cache, h_cache in zip(device_caches, self.caches):
                 d_cache[:, dev] = h_cache[:, host].to(d_cache.device, non_blocking=True)
             self.swapped_in += len(swap_in)
+
+    @torch.inference_mode()
+    def write(self, block: int, kv: torch.Tensor) -> None:
+        """Fill host block ``block`` with ``kv`` ``(num_layers, 2, block_size, kv_heads, head_size)``."""
+        for layer, h_cache in enumerate(self.caches):
+            h_cache[:, block] = kv[layer]
+
+    @staticmethod
+    @torch.inference_mode()
+    def read_device_block(device_caches: list[torch.Tensor], block: int) -> torch.Tensor:
+        """A host copy of device block ``block``, all layers: ``(num_layers, 2, block_size, kv_heads, head_size)``."""
+        return torch.stack([c[:, block] for c in device_caches]).to("cpu", copy=True)

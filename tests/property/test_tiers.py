@@ -262,3 +262,30 @@ def test_num_cached_tokens_and_prefix_cache_counters():
     assert out.num_cached_tokens == 12 and eng.last_plan.swap_in  # host tier
     assert eng.state.prefix_cache_hits == 24
     assert eng.state.num_preemptions == 0
+
+
+def test_staged_disk_blocks_are_host_hits():
+    """stage_blocks (the disk tier's reads) names prompt blocks in the host
+    tier; admission swaps them in, and the invariants hold throughout."""
+    from fnllm.invariants import check_invariants
+    from fnllm.lifecycle import stage_blocks
+
+    run = Run(cfg(num_blocks=8, host=4, mode="recompute", caching=True))
+    prompt = list(range(1, 19))  # 4 full blocks + 2 tokens
+    run.add(req("a", prompt))
+    state, got = stage_blocks(run.state, "a", 0, 9)
+    assert len(got) == 4  # the host tier has 4 blocks
+    check_invariants(state, run.config)
+    for j, h in enumerate(got):  # the device layer fills them (here: the fake's token KV)
+        run.ex.host[h] = prompt[j * 4 : (j + 1) * 4]
+    run.state = state
+    run.step()
+    plan = run.plans[-1]
+    assert [h for h, _ in plan.swap_in] == list(got) and plan.positions[0] == 16
+    run.drain(50)
+    ref = Run(cfg(num_blocks=64, host=0, mode="recompute"))
+    ref.add(req("a", prompt))
+    ref.drain(50)
+    assert run.tokens == ref.tokens
+    again, none = stage_blocks(run.state, "gone", 0, 2)
+    assert none == () and again is run.state
