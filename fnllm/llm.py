@@ -28,6 +28,20 @@ DEFAULT_SWAP_SPACE = 4  # GiB, vLLM's default, used under preemption_mode="swap"
 DEFAULT_KV_OFFLOAD_BYTES = 16 << 30
 
 
+def _tier_args(swap_space, preemption_mode, kv_offload_dir, kv_offload_bytes, enable_prefix_caching) -> float:
+    """Validate the KV-tier arguments; the host tier's size in GiB."""
+    SchedulerConfig(preemption_mode=preemption_mode)
+    if kv_offload_dir is not None and not enable_prefix_caching:
+        raise ValueError("kv_offload_dir needs enable_prefix_caching (blocks are named by their prefix-cache hash)")
+    if not isinstance(kv_offload_bytes, int) or isinstance(kv_offload_bytes, bool) or kv_offload_bytes <= 0:
+        raise ValueError(f"kv_offload_bytes must be a positive integer, got {kv_offload_bytes!r}")
+    if swap_space is None:
+        swap_space = DEFAULT_SWAP_SPACE if preemption_mode == "swap" or kv_offload_dir is not None else 0
+    if isinstance(swap_space, bool) or not isinstance(swap_space, (int, float)) or not swap_space >= 0:
+        raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space!r}")
+    return swap_space
+
+
 def _model_path(model: str | None) -> str:
     if model is not None:
         return str(model)
@@ -70,15 +84,7 @@ class LLM:
         if kv_cache_memory is not None and kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {kv_cache_memory!r}")
         CacheConfig(block_size=block_size, num_blocks=num_kv_blocks or 1)  # validate before loading anything
-        SchedulerConfig(preemption_mode=preemption_mode)
-        if kv_offload_dir is not None and not enable_prefix_caching:
-            raise ValueError("kv_offload_dir needs enable_prefix_caching (blocks are named by their prefix-cache hash)")
-        if not isinstance(kv_offload_bytes, int) or isinstance(kv_offload_bytes, bool) or kv_offload_bytes <= 0:
-            raise ValueError(f"kv_offload_bytes must be a positive integer, got {kv_offload_bytes!r}")
-        if swap_space is None:
-            swap_space = DEFAULT_SWAP_SPACE if preemption_mode == "swap" or kv_offload_dir is not None else 0
-        if isinstance(swap_space, bool) or not isinstance(swap_space, (int, float)) or not swap_space >= 0:
-            raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space!r}")
+        swap_space = _tier_args(swap_space, preemption_mode, kv_offload_dir, kv_offload_bytes, enable_prefix_caching)
         self.tokenizer = load_tokenizer(path)
         executor = ModelExecutor(
             path, dtype=dtype, device=device, num_blocks=num_kv_blocks, kv_cache_bytes=None if num_kv_blocks else kv_cache_memory,

@@ -86,8 +86,14 @@ def test_bad_tier_arguments_are_named(tmp_path):
         LLM(str(tmp_path), swap_space=-1)
     with pytest.raises(ValueError, match="preemption_mode"):
         LLM(str(tmp_path), preemption_mode="evict")
-    args = build_parser().parse_args(["generate", "x", "--swap-space", "2", "--preemption-mode", "swap"])
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        LLM(str(tmp_path), kv_offload_dir=str(tmp_path), enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="kv_offload_bytes"):
+        LLM(str(tmp_path), kv_offload_dir=str(tmp_path), kv_offload_bytes=0)
+    args = build_parser().parse_args(["generate", "x", "--swap-space", "2", "--preemption-mode", "swap",
+                                      "--kv-offload-dir", "d", "--kv-offload-bytes", "1000"])
     assert args.swap_space == 2.0 and args.preemption_mode == "swap"
+    assert args.kv_offload_dir == "d" and args.kv_offload_bytes == 1000
 
 
 def test_swap_preemption_equals_roomy_run(llm, tmp_path):
