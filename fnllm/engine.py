@@ -111,7 +111,7 @@ class LLMEngine:
         kv_offload=None,
     ) -> None:
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
-        self.kv_offload = kv_offload  # the disk KV tier's hooks (fnllm.device.kv_disk.KVOffload), or None
+        self.kv_offload = kv_offload  # the disk KV tier's hooks (fnllm.offload.KVOffload), or None
         self.state: EngineState = initial_state(config)
         self._clock, self.recorder = clock, recorder
         self._tracks: dict[str, _Track] = {}

@@ -110,7 +110,7 @@ class LLM:
             recorder = TraceWriter(trace)
         offload = None
         if kv_offload_dir is not None:
-            from fnllm.device.kv_disk import open_offload
+            from fnllm.offload import open_offload
 
             offload = open_offload(executor, kv_offload_dir, kv_offload_bytes)
         self.llm_engine = LLMEngine(config, executor, self.tokenizer, recorder=recorder, kv_offload=offload)

@@ -9,7 +9,7 @@ import sys
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from fnllm.device.executor import ModelExecutor
-from fnllm.device.kv_disk import open_offload
+from fnllm.offload import open_offload
 from fnllm.engine import LLMEngine
 from fnllm.state import SamplingParams
 
