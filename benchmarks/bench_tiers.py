@@ -118,10 +118,11 @@ def main() -> None:
     ap.add_argument("--system-len", type=int, default=2048)
     ap.add_argument("--ttft-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-swap", action="store_true", help="only the disk-tier TTFT")
+    ap.add_argument("--skip-disk", action="store_true", help="only recompute vs swap")
     args = ap.parse_args()
     if args.ttft_child:
         return ttft_child(args)
-    disk = disk_ttft(args)
+    disk = None if args.skip_disk else disk_ttft(args)
     if args.skip_swap:
         print(json.dumps({"disk_tier_ttft": disk}, indent=2))
         return

@@ -13,8 +13,10 @@ sequence is preempted and returns to the waiting queue in its original
 order: by recompute (blocks freed, counter reset, output kept), or under
 ``preemption_mode="swap"`` by moving its KV to host blocks (``swap_out``;
 recompute when the host tier is full), swapped back in (``swap_in``) on
-readmission. A step that preempts admits nothing, so a plan never swaps out
-and back in at once.
+readmission. A step that preempts admits nothing, so no sequence is swapped
+out and back in by one plan. With prefix caching and a host tier, a cached
+block evicted by an allocation is offloaded to the host tier (``swap_out``),
+and the device runs every swap_out before any swap_in.
 
 The returned state already counts the planned tokens as computed and holds
 their blocks; ``commit`` adds the sampled tokens. Every block a plan row
@@ -31,9 +33,8 @@ from __future__ import annotations
 import attrs
 
 from fnllm.blocks import PoolEdit
-from fnllm.lifecycle import blocks_for
 from fnllm.config import EngineConfig
-from fnllm.lifecycle import insert_waiting
+from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
 
 
