@@ -138,7 +138,8 @@ def main() -> None:
     roomy = run(llm, prompts, num_blocks=want, mode="recompute", host_blocks=0, **common)
     recompute = run(llm, prompts, num_blocks=cramped, mode="recompute", host_blocks=0, **common)
     swap = run(llm, prompts, num_blocks=cramped, mode="swap", host_blocks=want, **common)
-    same = roomy["tokens"] == recompute["tokens"] == swap["tokens"]
+    same = {"recompute_vs_roomy": recompute["tokens"] == roomy["tokens"], "swap_vs_roomy": swap["tokens"] == roomy["tokens"],
+            "swap_vs_recompute": swap["tokens"] == recompute["tokens"]}  # bf16 greedy may differ with batch shape
     for r in (roomy, recompute, swap):
         del r["tokens"]
     print(json.dumps({
