@@ -11,6 +11,15 @@ by a chained SHA-256 of (parent hash, token ids, extra keys).
 pure function opens, edits and freezes with :meth:`PoolEdit.finish`, so a
 step's many small changes cost O(changes) and never copy pool-sized
 structures. The module-level functions are pure wrappers over it.
+
+Tiers: ``pool.host`` is the host pool (same structure). A PoolEdit edits
+both (``edit.host`` is the host's PoolEdit, opened on first use) and records
+the moves a plan must carry: ``swaps_out`` (device, host) and ``swaps_in``
+(host, device). Host blocks read by a swap_in, or written by a swap_out, are
+pinned until ``finish`` (``host_release``), so no host block is reused by a
+later move of the same plan. With ``offload`` on (the host prefix cache), a
+cached device block evicted by ``take`` is copied to a host block and stays
+addressable there by its hash.
 """
 
 from __future__ import annotations
@@ -45,15 +54,22 @@ def chain_hashes(
     return tuple(out)
 
 
-def new_pool(num_blocks: int, block_size: int) -> BlockPool:
-    return BlockPool(num_blocks=num_blocks, block_size=block_size)
+def new_pool(num_blocks: int, block_size: int, num_host_blocks: int = 0) -> BlockPool:
+    host = BlockPool(num_blocks=num_host_blocks, block_size=block_size)
+    return BlockPool(num_blocks=num_blocks, block_size=block_size, host=host)
 
 
 class PoolEdit:
     """Mutable working copy of a pool, private to one pure function call."""
 
-    def __init__(self, pool: BlockPool) -> None:
+    def __init__(self, pool: BlockPool, offload: bool = False) -> None:
         self.pool = pool
+        self.offload = offload
+        self._host: PoolEdit | None = None
+        self.swaps_out: list[tuple[int, int]] = []
+        self.swaps_in: list[tuple[int, int]] = []
+        self.host_release: list[int] = []
+        self._moved: dict[int, int] = {}  # device block -> host block it was swapped to, this edit
         self.ref = pool.ref.mutate()
         self.stack: Cons = pool.free_stack
         self.num_stack = pool.num_stack
@@ -119,6 +135,8 @@ class PoolEdit:
         else:
             b = self.head
             self._lru_remove(b)
+            if self.offload:
+                self._offload(b)
             self._forget(b)
         self.ref[b] = 1
         return b
@@ -180,9 +198,16 @@ class PoolEdit:
             self.num_stack += 1
 
     def cache(self, b: int, h: bytes, content: tuple) -> bool:
-        """Name full block ``b`` by ``h``; False when ``h`` or ``b`` is already named."""
+        """Name full block ``b`` by ``h``; False when ``h`` or ``b`` is already named.
+        A host-tier copy of ``h`` is dropped (a hash lives in one tier)."""
         if h in self.by_hash or b in self.hash_of:
             return False
+        hp = self.pool.host
+        if hp is not None and (self._host is not None or hp.hash_of):
+            host = self.host
+            hb = host.by_hash.get(h)
+            if hb is not None:
+                host.drop_cached(hb)
         self.hash_of[b] = h
         self.by_hash[h] = b
         self.content[b] = content
@@ -201,7 +226,89 @@ class PoolEdit:
         copies.append((b, dst[0]))
         return True
 
+    def drop_cached(self, b: int) -> None:
+        """Forget cached block ``b``'s hash; a free one becomes plain free."""
+        if self.ref.get(b, 0) == 0:
+            self._lru_remove(b)
+            self._forget(b)
+            self.stack = (b, self.stack)
+            self.num_stack += 1
+        else:
+            self._forget(b)
+
+    # -- tiers ----------------------------------------------------------------------
+    @property
+    def host(self) -> "PoolEdit":
+        if self._host is None:
+            self._host = PoolEdit(self.pool.host)
+        return self._host
+
+    def host_free(self) -> int:
+        hp = self.pool.host
+        if self._host is None:
+            return 0 if hp is None else hp.num_free
+        return self._host.num_free
+
+    def swap_out(self, blocks: Sequence[int]) -> list[int] | None:
+        """A host table holding the content of device ``blocks`` (one host
+        reference per entry), the moves recorded; None, nothing changed, when
+        the host tier lacks room. The caller frees the device blocks."""
+        new = [b for b in blocks if b not in self._moved]
+        if len(new) > self.host_free():
+            return None
+        host, out = self.host, []
+        for b in blocks:
+            h = self._moved.get(b)
+            if h is None:
+                h = self._moved[b] = host.take()
+                self.swaps_out.append((b, h))
+                host.incref(h)  # pinned until finish
+                self.host_release.append(h)
+            else:
+                host.incref(h)
+            out.append(h)
+        return out
+
+    def swap_in(self, host_table: Sequence[int], blocks: Sequence[int]) -> None:
+        """Move host blocks into device ``blocks`` (already allocated); the
+        host references are dropped at ``finish``."""
+        for h, b in zip(host_table, blocks):
+            self.swaps_in.append((h, b))
+            self.host_release.append(h)
+
+    def move_host_hits(self, hits: Sequence[int], blocks: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Swap host-cached ``hits`` (pinned by the caller, before it allocated
+        ``blocks``) into device ``blocks``, which take over their hashes."""
+        host = self.host if hits else None
+        for h, b, hsh in zip(hits, blocks, hashes):
+            content = host.content[h]
+            host.drop_cached(h)
+            self.cache(b, hsh, content)
+            self.swap_in((h,), (b,))
+
+    def lookup_host(self, hashes: Iterable[bytes]) -> list[int]:
+        """Host blocks of the longest prefix of ``hashes`` cached in the host tier."""
+        hp = self.pool.host
+        if hp is None or (self._host is None and not hp.hash_of):
+            return []
+        return self.host.lookup(hashes)
+
+    def _offload(self, b: int) -> None:
+        """Copy evicted cached block ``b`` to the host tier, when there is room."""
+        if not self.host_free():
+            return
+        host = self.host
+        h = host.take()
+        host.cache(h, self.hash_of[b], self.content[b])
+        self.swaps_out.append((b, h))
+        self.host_release.append(h)
+
     def finish(self) -> BlockPool:
+        host = self.pool.host
+        if self.host_release or self._host is not None:
+            for h in self.host_release:
+                self.host.decref(h)
+            host = self.host.finish()
         return BlockPool(
             num_blocks=self.pool.num_blocks,
             block_size=self.pool.block_size,
@@ -217,6 +324,7 @@ class PoolEdit:
             hash_of=self.hash_of.finish(),
             by_hash=self.by_hash.finish(),
             content=self.content.finish(),
+            host=host,
         )
 
 
@@ -291,3 +399,53 @@ def free_blocks(pool: BlockPool) -> list[int]:
         out.append(b)
         b = pool.lru_next.get(b, NO_BLOCK)
     return out
+
+
+# -- tiers (pure wrappers) -------------------------------------------------------------
+
+
+def swap_out(pool: BlockPool, table: Sequence[int]) -> tuple[BlockPool, tuple[int, ...], tuple] | None:
+    """Move a table's content to host blocks (device references dropped): the
+    new pool, the host table and the (device, host) moves; None when the host
+    tier lacks room (pool unchanged)."""
+    e = PoolEdit(pool)
+    got = e.swap_out(table)
+    if got is None:
+        return None
+    e.free_table(table)
+    return e.finish(), tuple(got), tuple(e.swaps_out)
+
+
+def swap_in(pool: BlockPool, host_table: Sequence[int]) -> tuple[BlockPool, tuple[int, ...], tuple] | None:
+    """Bring a host table back into new device blocks: the new pool, the
+    device table and the (host, device) moves; None when the device lacks room."""
+    e = PoolEdit(pool)
+    got = e.allocate(len(host_table))
+    if got is None:
+        return None
+    e.swap_in(host_table, got)
+    return e.finish(), tuple(got), tuple(e.swaps_in)
+
+
+def allocate_offloading(pool: BlockPool, n: int) -> tuple[BlockPool, tuple[int, ...], tuple] | None:
+    """:func:`allocate` with the host prefix cache on: evicted cached blocks
+    are copied to the host tier; also returns the (device, host) moves."""
+    e = PoolEdit(pool, offload=True)
+    got = e.allocate(n)
+    return None if got is None else (e.finish(), tuple(got), tuple(e.swaps_out))
+
+
+def acquire_from_host(pool: BlockPool, hashes: Sequence[bytes]) -> tuple[BlockPool, tuple[int, ...], tuple] | None:
+    """The longest prefix of ``hashes`` cached in the host tier, moved into
+    new device blocks that take over the hashes: the new pool, the device
+    blocks and the (host, device) moves; None when nothing is found or the
+    device lacks room."""
+    e = PoolEdit(pool, offload=True)
+    hits = e.lookup_host(hashes)
+    if not hits or len(hits) > e.num_free:
+        return None
+    for h in hits:
+        e.host.incref(h)
+    fresh = e.allocate(len(hits))
+    e.move_host_hits(hits, fresh, hashes)
+    return e.finish(), tuple(fresh), tuple(e.swaps_in)

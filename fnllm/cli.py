@@ -26,6 +26,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--swap-space", type=float, default=None, help="GiB of host memory for the host KV tier")
+    p.add_argument("--preemption-mode", default="recompute", choices=("recompute", "swap"))
+    p.add_argument("--kv-offload-dir", default=None, help="directory of the persistent disk KV prefix cache")
+    p.add_argument("--kv-offload-bytes", type=int, default=16 << 30, help="bound on the disk KV tier (bytes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +124,8 @@ def _make_llm(args):
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
+        swap_space=args.swap_space, preemption_mode=args.preemption_mode,
+        kv_offload_dir=args.kv_offload_dir, kv_offload_bytes=args.kv_offload_bytes,
     )
 
 
@@ -157,6 +163,7 @@ def _as_json(out) -> dict:
     return {
         "request_id": out.request_id,
         "prompt": out.prompt,
+        "num_cached_tokens": out.num_cached_tokens,
         "outputs": [
             {"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
              "stop_reason": c.stop_reason}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import attrs
 
 POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
 
@@ -21,11 +22,14 @@ def _positive(name: str, value: int) -> None:
 
 @attrs.frozen(kw_only=True)
 class CacheConfig:
-    """Paged KV cache: ``num_blocks`` blocks of ``block_size`` tokens each."""
+    """Paged KV cache: ``num_blocks`` device blocks of ``block_size`` tokens
+    each, plus ``num_host_blocks`` host blocks (vLLM's ``swap_space``, counted
+    in blocks by the shell) for swap preemption and the host prefix cache."""
 
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
+    num_host_blocks: int = 0
 
     def __attrs_post_init__(self) -> None:
         bs = self.block_size
@@ -35,6 +39,9 @@ class CacheConfig:
             raise ValueError(
                 f"num_blocks must be >= 1 (zero KV memory cannot serve any request), got {self.num_blocks!r}"
             )
+        h = self.num_host_blocks
+        if not isinstance(h, int) or isinstance(h, bool) or h < 0:
+            raise ValueError(f"num_host_blocks must be an integer >= 0, got {h!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -51,6 +58,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
+    # vLLM's names: a preempted sequence's KV is dropped ("recompute") or
+    # moved to host blocks ("swap"; recompute when the host tier is full)
+    preemption_mode: str = "recompute"
 
     def __attrs_post_init__(self) -> None:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
@@ -63,6 +73,8 @@ class SchedulerConfig:
             )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         t = self.long_prefill_token_threshold
         if not isinstance(t, int) or isinstance(t, bool) or t < 0:
             raise ValueError(f"long_prefill_token_threshold must be an integer >= 0, got {t!r}")

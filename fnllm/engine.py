@@ -19,7 +19,7 @@ import attrs
 
 from fnllm.config import EngineConfig
 from fnllm.errors import EngineDeadError
-from fnllm.faults import plan_subset, repair_after_failure
+from fnllm.faults import plan_subset, repair_after_failure, rerunnable
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.outputs import CompletionOutput, RequestOutput, logprob_dict
 from fnllm.schedule import schedule
@@ -54,6 +54,7 @@ class _Track:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.tokenizer = tokenizer
         self.completions: dict[int, CompletionOutput] = {}
+        self.num_cached_tokens: int | None = None
         self.detoks: dict[int, object] = {}
         self.full_text: dict[int, str] = {}
 
@@ -120,7 +121,7 @@ class _Track:
         ]
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
-            outputs=outs, finished=finished,
+            outputs=outs, finished=finished, num_cached_tokens=self.num_cached_tokens,
         )
 
 
@@ -131,7 +132,8 @@ class LLMEngine:
     ``step`` is a transaction: ``self.state`` is replaced only when the
     executor and commit succeed, and the step's deliveries (abort and error
     outputs) happen in the same transaction. A failed execute is retried
-    once; if it fails again, the state is repaired
+    once (unless it swaps blocks out: see :func:`fnllm.faults.rerunnable`);
+    if it fails again, the state is repaired
     (:func:`fnllm.faults.repair_after_failure`) and the plan's requests are
     bisected through sub-plans (:func:`fnllm.faults.plan_subset`): every
     request whose sub-plan fails alone ends with ``finish_reason="error"``,
@@ -150,6 +152,7 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
         recorder=None,
         max_consecutive_failures: int = 3,
+        kv_offload=None,
     ) -> None:
         if not isinstance(max_consecutive_failures, int) or max_consecutive_failures < 1:
             raise ValueError(f"max_consecutive_failures must be an integer >= 1, got {max_consecutive_failures!r}")
@@ -159,6 +162,7 @@ class LLMEngine:
                 f"max_model_len={config.scheduler.max_model_len} exceeds the model's max_position_embeddings={positions}"
             )
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
+        self.kv_offload = kv_offload  # the disk KV tier's hooks (fnllm.offload.KVOffload), or None
         self.state: EngineState = initial_state(config)
         self._clock, self.recorder = clock, recorder
         self._tracks: dict[str, _Track] = {}
@@ -166,6 +170,7 @@ class LLMEngine:
         self.max_consecutive_failures = max_consecutive_failures
         self.consecutive_failures = 0
         self.dead: EngineDeadError | None = None
+        self._unscheduled: set[str] = set()  # requests not yet in a plan (num_cached_tokens unknown)
         self.last_plan: BatchPlan | None = None
         if recorder is not None:
             recorder.start(config)
@@ -211,8 +216,13 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} rejected: {out.reason}")
         self.state = out
         self._tracks[request_id] = _Track(request_id, text, ids, params, self.tokenizer)
+        self._unscheduled.add(request_id)
         if self.recorder is not None:
             self.recorder.add(self.state.step, out.requests[request_id], arrival=self._clock())
+        if self.kv_offload is not None:  # disk reads happen here, before the step that needs them
+            self.state, first, count = self.kv_offload.stage(self.state, request_id)
+            if count and self.recorder is not None:
+                self.recorder.stage(self.state.step, request_id, first, count)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one or several requests; unknown, finished or already aborted
@@ -253,11 +263,15 @@ class LLMEngine:
         self.state, self.last_plan, self.consecutive_failures = state, plan, 0
         if self.recorder is not None:
             self.recorder.step(plan, output, state)
+        if self._unscheduled:
+            self._note_cached(plan)
+        if self.kv_offload is not None:
+            self.kv_offload.save(plan, state)
         return results + self._absorb(news)
 
     def _run_plan(self, plan: BatchPlan) -> StepOutput:
         """Execute ``plan`` and check the output's shape (a bad output is a device fault)."""
-        out = self.executor.execute(plan) if len(plan) else StepOutput()
+        out = self.executor.execute(plan) if plan.has_device_work else StepOutput()
         check_output(plan, out, self.config.model.vocab_size)
         return out
 
@@ -265,7 +279,7 @@ class LLMEngine:
         """The plan's output, retried once; or the last error. An interrupt
         (KeyboardInterrupt, ...) repairs the state before it propagates."""
         error = None
-        for _ in range(2):
+        for _ in range(2 if rerunnable(plan) else 1):
             try:
                 return self._run_plan(plan), None
             except Exception as e:  # noqa: BLE001 - any device failure is isolated below
@@ -281,7 +295,7 @@ class LLMEngine:
         """After a plan failed twice: repair the state, isolate poison requests."""
         state = repair_after_failure(before, plan, self.config)
         try:
-            blamed, healthy = self._find_culprits(plan, error)
+            blamed, healthy = self._find_culprits(plan, error) if rerunnable(plan) else ({}, False)
         except BaseException:  # an interrupt while probing: keep the repaired state
             self.state = state
             if self.recorder is not None:
@@ -333,11 +347,19 @@ class LLMEngine:
         search(list(dict.fromkeys(plan.request_ids)), error)
         return culprits, healthy
 
+    def _note_cached(self, plan: BatchPlan) -> None:
+        """A request's first plan row starts at its cached prefix (any tier)."""
+        for rid, pos in zip(plan.request_ids, plan.positions):
+            if rid in self._unscheduled:
+                self._unscheduled.discard(rid)
+                self._tracks[rid].num_cached_tokens = pos
+
     def _deliver_ended(self) -> list[RequestOutput]:
         """The last output of every aborted or failed request, once."""
         results = []
         for rid, (why, message) in self._ended.items():
             track = self._tracks.pop(rid)
+            self._unscheduled.discard(rid)
             for i in range(track.params.n):
                 c = track.completion(i)
                 if c.finish_reason is None:

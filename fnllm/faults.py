@@ -10,10 +10,15 @@ old state true again:
 
 - every running sequence whose *computed* slots the plan may have written is
   preempted by recompute (its blocks freed, its output kept);
-- every block the plan may have written is dropped from the prefix cache.
+- every block the plan may have written (device blocks by its rows,
+  copies and swap-ins; host blocks by its swap-outs) is dropped from the
+  prefix cache of its tier.
 
 Probing a failed plan is done with :func:`plan_subset`: a sub-plan writes a
 subset of the slots the whole plan writes, so one repair covers every probe.
+A plan is safe to run again (:func:`rerunnable`) unless it swaps blocks out:
+a swapped-out device block may be refilled later in the same plan, and a
+second run would then copy the new content to the host.
 """
 
 from __future__ import annotations
@@ -47,9 +52,14 @@ def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
     )
 
 
+def rerunnable(plan: BatchPlan) -> bool:
+    """Whether running ``plan`` again after a partial run gives the same result."""
+    return not plan.swap_out
+
+
 def written_offsets(plan: BatchPlan, block_size: int) -> dict[int, int]:
-    """Block -> the lowest slot offset ``plan`` may write in it (copy
-    destinations are written whole)."""
+    """Device block -> the lowest slot offset ``plan`` may write in it (copy
+    and swap-in destinations are written whole)."""
     low: dict[int, int] = {}
     for pos, toks, table in zip(plan.positions, plan.token_ids, plan.block_tables):
         if not toks:
@@ -59,7 +69,7 @@ def written_offsets(plan: BatchPlan, block_size: int) -> dict[int, int]:
             off = pos % block_size if j == first else 0
             b = table[j]
             low[b] = min(low.get(b, off), off)
-    for _, dst in plan.copies:
+    for _, dst in plan.copies + plan.swap_in:
         low[dst] = 0
     return low
 
@@ -81,7 +91,7 @@ def repair_after_failure(state: EngineState, plan: BatchPlan, config: EngineConf
     plan's possible KV writes made harmless; see the module docstring."""
     bs = config.cache.block_size
     low = written_offsets(plan, bs)
-    if not low:
+    if not low and not plan.swap_out:
         return state
     victims = set(_clobbered_rows(state, low, bs))
     run, edit = state.running, PoolEdit(state.pool)
@@ -97,6 +107,9 @@ def repair_after_failure(state: EngineState, plan: BatchPlan, config: EngineConf
         )
     for b in sorted(low):
         edit.uncache(b)
+    if plan.swap_out:  # host blocks the plan wrote: a host-cached one there can no longer be trusted
+        for h in sorted({h for _, h in plan.swap_out}):
+            edit.host.uncache(h)
     keep = [i not in victims for i in range(len(run))]
     running = Running(*(tuple(v for v, k in zip(getattr(run, c), keep) if k) for c in COLUMNS))
     waiting = insert_waiting(state.requests, state.waiting, preempted, config.scheduler.policy)

@@ -3,7 +3,16 @@ the invariant (by number) and the blocks, sequences or requests involved.
 
 - :func:`check_pool`: invariants 1, 2, 5 for a pool and the tables holding it.
 - :func:`check_invariants`: 1-3, 5, 6 and 9 for a whole state.
-- :func:`check_plan`: 4, 7, 8 and 12 for a plan and the states around it.
+- :func:`check_plan`: 4, 7, 8, 12 and 19 for a plan and the states around it.
+
+Tiers add three (to DESIGN.md section 6):
+17. A block is in exactly one tier: a running sequence's KV is all in device
+    blocks, a swapped one's all in host blocks; a hash is cached in one tier.
+18. Reference counts hold per tier: a host block's count is the number of
+    swapped sequences' host tables holding it (1, 2 and 6 hold for both pools).
+19. No plan reads a block that is not on the device: every block a row reads
+    was on the device with that content before the step, or is brought there
+    by the plan's own swap_in or copies; swaps name blocks of the right tier.
 Properties over whole runs (10, 11, 13 and 12's "chunks concatenate to the
 prompt") are checked by the property tests with these as building blocks.
 O(pool): for tests and debugging, never the hot path.
@@ -77,10 +86,38 @@ def _check_cache(pool: BlockPool) -> None:
             _fail(5, f"never-used block {b} is cached")
 
 
+def check_tiers(state: EngineState, config: EngineConfig) -> None:
+    """Invariants 17 and 18 (and 1, 2, 5, 6 for the host pool)."""
+    pool, host, bs = state.pool, state.pool.host, config.cache.block_size
+    if host is None or host.num_blocks != config.cache.num_host_blocks:
+        _fail(18, f"host tier has {None if host is None else host.num_blocks} blocks, config says {config.cache.num_host_blocks}")
+    if host.host is not None:
+        _fail(17, "the host pool has a tier below it")
+    check_pool(host, [s.swapped for s in state.waiting])
+    for s in state.waiting:
+        if (s.status == SeqStatus.SWAPPED) != bool(s.swapped):
+            _fail(17, f"waiting seq {s.seq_id} has status {s.status.value} and host blocks {list(s.swapped)[:10]}")
+        if s.swapped:
+            total = len(state.requests[s.request_id].prompt_token_ids) + s.num_output
+            if not 0 < s.num_computed < total or len(s.swapped) != -(-s.num_computed // bs):
+                _fail(17, f"swapped seq {s.seq_id} holds {len(s.swapped)} host blocks for {s.num_computed} of {total} tokens")
+        elif s.num_computed:
+            _fail(17, f"waiting seq {s.seq_id} counts {s.num_computed} computed tokens but holds no KV")
+    for t in state.running.tables:
+        if any(not 0 <= b < pool.num_blocks for b in t):
+            _fail(17, f"a running table holds ids outside the device pool: {list(t)[:10]}")
+    both = set(pool.by_hash.keys()) & set(host.by_hash.keys())
+    if both:
+        _fail(17, f"{len(both)} hashes are cached in both tiers")
+    if not state.requests and host.num_free != host.num_blocks:
+        _fail(6, f"no live request but {host.num_blocks - host.num_free} host blocks are held")
+
+
 def check_invariants(state: EngineState, config: EngineConfig) -> None:
-    """Every invariant that a single state must satisfy (1-3, 5, 6, 9)."""
+    """Every invariant that a single state must satisfy (1-3, 5, 6, 9, 17, 18)."""
     run, pool, bs = state.running, state.pool, config.cache.block_size
     check_pool(pool, run.tables)
+    check_tiers(state, config)
     n = len(run)
     for name in COLUMNS:
         if len(getattr(run, name)) != n:
@@ -123,7 +160,7 @@ def _check_places(state: EngineState) -> None:
     if dup:
         _fail(9, f"sequences {dup[:10]} are in more than one place")
     for s in state.waiting:
-        if s.status not in (SeqStatus.WAITING, SeqStatus.PREEMPTED):
+        if s.status not in (SeqStatus.WAITING, SeqStatus.PREEMPTED, SeqStatus.SWAPPED):
             _fail(9, f"waiting seq {s.seq_id} has status {s.status}")
         if s.request_id not in state.requests:
             _fail(9, f"waiting seq {s.seq_id} belongs to unknown request {s.request_id!r}")
@@ -175,7 +212,64 @@ def check_plan(before: EngineState, after: EngineState, plan: BatchPlan, config:
     for _, dst in plan.copies:
         if dst not in in_tables:
             _fail(4, f"copy target block {dst} is in no scheduled table")
+    check_plan_reads(before, after, plan, config)
     planned = set(plan.seq_ids)
     for sid, nc in zip(after.running.seq_ids, after.running.num_computed):
         if sid not in planned and sid in prev and nc != prev[sid]:
             _fail(12, f"unscheduled seq {sid}'s counter moved from {prev[sid]} to {nc}")
+
+
+def _check_swaps(before: EngineState, after: EngineState, plan: BatchPlan) -> None:
+    """Invariant 19 for the moves: each names blocks of the right tier, once."""
+    nd, nh = before.pool.num_blocks, before.pool.host.num_blocks
+    outs, ins = plan.swap_out, plan.swap_in
+    for d, h in outs:
+        if not (0 <= d < nd and 0 <= h < nh):
+            _fail(19, f"swap_out ({d}, {h}) names a block outside its tier")
+        if before.pool.ref.get(d, 0) == 0 and d not in before.pool.hash_of:
+            _fail(19, f"swap_out reads device block {d}, which held nothing before the step")
+    for h, d in ins:
+        if not (0 <= d < nd and 0 <= h < nh):
+            _fail(19, f"swap_in ({h}, {d}) names a block outside its tier")
+    # (a host block shared by forked sequences may be a source twice)
+    for what, col in (("swap_out targets", [h for _, h in outs]), ("swap_in targets", [d for _, d in ins])):
+        dup = [b for b, k in Counter(col).items() if k > 1]
+        if dup:
+            _fail(19, f"{what} {dup[:10]} appear twice in one plan")
+    written = {h for _, h in outs}
+    for h, _ in ins:
+        hb = before.pool.host
+        if h not in written and hb.ref.get(h, 0) == 0 and h not in hb.hash_of:
+            _fail(19, f"swap_in reads host block {h}, which held nothing before the step")
+    was = dict(zip(before.running.seq_ids, before.running.tables))
+    source = {h: d for d, h in outs}
+    for s in after.waiting:
+        if s.swapped and s.seq_id in was:  # swapped out by this plan
+            for j, h in enumerate(s.swapped):
+                if source.get(h) != was[s.seq_id][j]:
+                    _fail(19, f"seq {s.seq_id}'s host block {h} is not written from its device block {was[s.seq_id][j]}")
+
+
+def check_plan_reads(before: EngineState, after: EngineState, plan: BatchPlan, config: EngineConfig) -> None:
+    """Invariant 19: every block a row reads is on the device with its content."""
+    bs = config.cache.block_size
+    _check_swaps(before, after, plan)
+    was = dict(zip(before.running.seq_ids, before.running.tables))
+    brought = {d for _, d in plan.swap_in} | {d for _, d in plan.copies}
+    swapped_in = {d: h for h, d in plan.swap_in}
+    host_of = {s.seq_id: s.swapped for s in before.waiting if s.swapped}
+    for r, sid in enumerate(plan.seq_ids):
+        table, pos = plan.block_tables[r], plan.positions[r]
+        old = was.get(sid, ())
+        for j, b in enumerate(table[: -(-(pos + len(plan.token_ids[r])) // bs)]):
+            if not 0 <= b < after.pool.num_blocks or after.pool.ref.get(b, 0) < 1:
+                _fail(19, f"seq {sid} reads block {b}, which is not a held device block")
+            if j * bs >= pos:
+                continue  # written before it is read
+            ok = (j < len(old) and old[j] == b) or b in brought or (
+                b in before.pool.hash_of and sid not in host_of
+            )
+            if not ok:
+                _fail(19, f"seq {sid} reads block {j} (id {b}) of its table, whose content is not on the device")
+            if sid in host_of and j < len(host_of[sid]) and swapped_in.get(b) != host_of[sid][j]:
+                _fail(19, f"swapped seq {sid}'s block {j} comes back from host {swapped_in.get(b)}, not {host_of[sid][j]}")

@@ -3,7 +3,8 @@
 ``add_request`` answers a request that can never be served with a
 :class:`~fnllm.state.Rejection` value naming the reason, and leaves the state
 as it was; every other function here returns a new state and never mutates
-its argument. Removing a sequence always returns all of its blocks.
+its argument. Removing a sequence always returns all of its blocks (device
+blocks when running, host blocks when swapped).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from fnllm.state import COLUMNS, EngineState, Rejection, Request, Running, Seq
 
 
 def initial_state(config: EngineConfig) -> EngineState:
-    return EngineState(pool=new_pool(config.cache.num_blocks, config.cache.block_size))
+    c = config.cache
+    return EngineState(pool=new_pool(c.num_blocks, c.block_size, c.num_host_blocks))
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -138,6 +140,7 @@ def _drop(state: EngineState, request_id: str, index: int | None) -> EngineState
     run = state.running
     keep = [not hit(r, i) for r, i in zip(run.request_ids, run.indexes)]
     waiting = tuple(s for s in state.waiting if not hit(s.request_id, s.index))
+    swapped = [s.swapped for s in state.waiting if s.swapped and hit(s.request_id, s.index)]
     removed = keep.count(False) + len(state.waiting) - len(waiting)
     if removed == 0:
         return state
@@ -145,6 +148,8 @@ def _drop(state: EngineState, request_id: str, index: int | None) -> EngineState
     edit = PoolEdit(state.pool)
     for t in tables:
         edit.free_table(t)
+    for t in swapped:  # a swapped sequence's host blocks
+        edit.host.free_table(t)
     left = state.alive[request_id] - removed
     requests, alive = state.requests, state.alive
     if left == 0:
@@ -168,3 +173,28 @@ def finish_sequence(state: EngineState, request_id: str, index: int) -> EngineSt
     if request_id not in state.requests:
         return state
     return _drop(state, request_id, index)
+
+
+def stage_blocks(state: EngineState, request_id: str, first: int, count: int) -> tuple[EngineState, tuple[int, ...]]:
+    """Name prompt blocks ``first .. first+count-1`` of a waiting request in
+    the host tier, as free cached blocks (the disk tier's reads land there;
+    the shell then fills those host blocks). Returns the host block of each,
+    in order; fewer than ``count`` when the host tier runs out of free blocks
+    or a block is already cached in some tier (staging stops there)."""
+    req = state.requests.get(request_id)
+    if req is None or count <= 0:
+        return state, ()
+    pool, bs = state.pool, state.pool.block_size
+    edit = PoolEdit(pool)
+    host, got = edit.host, []
+    hashes, prompt = req.block_hashes, req.prompt_token_ids
+    for j in range(first, min(first + count, len(hashes))):
+        h = hashes[j]
+        if h in edit.by_hash or h in host.by_hash or host.num_free <= 0:
+            break
+        b = host.take()
+        host.cache(b, h, (hashes[j - 1] if j else None, prompt[j * bs : (j + 1) * bs], req.extra_keys))
+        got.append(b)
+    for b in got:  # free and cached: evictable like any cached host block
+        host.decref(b)
+    return attrs.evolve(state, pool=edit.finish()), tuple(got)

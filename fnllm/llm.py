@@ -4,6 +4,12 @@
 demo SmolLM2 model when ``model`` is None), sizes the KV cache from
 ``num_kv_blocks`` or ``kv_cache_memory`` (bytes), and serves ``generate``
 and ``chat`` through an :class:`~fnllm.engine.LLMEngine`.
+
+``swap_space`` (GiB of host memory, vLLM's name) sizes the host KV tier:
+swapped-out sequences under ``preemption_mode="swap"`` and, with prefix
+caching, cached blocks evicted from the device. Default: 4 GiB under swap
+preemption or with a disk tier, none otherwise. ``kv_offload_dir`` adds the
+disk tier (:mod:`fnllm.device.kv_disk`), bounded by ``kv_offload_bytes``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,22 @@ from fnllm.outputs import RequestOutput
 from fnllm.state import SamplingParams
 
 DEFAULT_KV_MEMORY = 1 << 30  # 1 GiB
+DEFAULT_SWAP_SPACE = 4  # GiB, vLLM's default, used under preemption_mode="swap" or with a disk tier
+DEFAULT_KV_OFFLOAD_BYTES = 16 << 30
+
+
+def _tier_args(swap_space, preemption_mode, kv_offload_dir, kv_offload_bytes, enable_prefix_caching) -> float:
+    """Validate the KV-tier arguments; the host tier's size in GiB."""
+    SchedulerConfig(preemption_mode=preemption_mode)
+    if kv_offload_dir is not None and not enable_prefix_caching:
+        raise ValueError("kv_offload_dir needs enable_prefix_caching (blocks are named by their prefix-cache hash)")
+    if not isinstance(kv_offload_bytes, int) or isinstance(kv_offload_bytes, bool) or kv_offload_bytes <= 0:
+        raise ValueError(f"kv_offload_bytes must be a positive integer, got {kv_offload_bytes!r}")
+    if swap_space is None:
+        swap_space = DEFAULT_SWAP_SPACE if preemption_mode == "swap" or kv_offload_dir is not None else 0
+    if isinstance(swap_space, bool) or not isinstance(swap_space, (int, float)) or not swap_space >= 0:
+        raise ValueError(f"swap_space must be a number of GiB >= 0, got {swap_space!r}")
+    return swap_space
 
 
 def _model_path(model: str | None) -> str:
@@ -50,12 +72,17 @@ class LLM:
         trace: str | None = None,
         max_logprobs: int = 20,
         max_consecutive_failures: int = 3,
+        swap_space: float | None = None,
+        preemption_mode: str = "recompute",
+        kv_offload_dir: str | None = None,
+        kv_offload_bytes: int = DEFAULT_KV_OFFLOAD_BYTES,
     ) -> None:
         from fnllm.device.executor import ModelExecutor
         from fnllm.model.loader import open_checkpoint
         from fnllm.tokenizer import load_tokenizer
 
         path = _model_path(model)
+        swap_space = _tier_args(swap_space, preemption_mode, kv_offload_dir, kv_offload_bytes, enable_prefix_caching)
         ckpt = open_checkpoint(path)  # the checkpoint's config and index, no weights yet
         self.tokenizer = load_tokenizer(path)
         config = _engine_config(
@@ -64,19 +91,26 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, policy=policy,
             long_prefill_token_threshold=long_prefill_token_threshold, max_logprobs=max_logprobs,
+            swap_space_bytes=int(swap_space * (1 << 30)), preemption_mode=preemption_mode,
         )
         # every setting is valid: only now load the weights and allocate the KV cache
         executor = ModelExecutor(
             path, dtype=dtype, device=device, num_blocks=config.cache.num_blocks, block_size=block_size, seed=seed,
-            attn_backend=attn_backend, checkpoint=ckpt,
+            attn_backend=attn_backend, checkpoint=ckpt, num_host_blocks=config.cache.num_host_blocks,
         )
         recorder = None
         if trace is not None:
             from fnllm.trace import TraceWriter
 
             recorder = TraceWriter(trace)
+        offload = None
+        if kv_offload_dir is not None:
+            from fnllm.offload import open_offload
+
+            offload = open_offload(executor, kv_offload_dir, kv_offload_bytes)
         self.llm_engine = LLMEngine(
-            config, executor, self.tokenizer, recorder=recorder, max_consecutive_failures=max_consecutive_failures
+            config, executor, self.tokenizer, recorder=recorder, max_consecutive_failures=max_consecutive_failures,
+            kv_offload=offload,
         )
         self._ids = itertools.count()
 
@@ -175,7 +209,8 @@ def _prompt_list(prompts) -> list:
 
 def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
                    block_size, enable_prefix_caching, enable_chunked_prefill, num_kv_blocks, kv_cache_memory, policy,
-                   long_prefill_token_threshold, max_logprobs) -> EngineConfig:
+                   long_prefill_token_threshold, max_logprobs, swap_space_bytes=0,
+                   preemption_mode="recompute") -> EngineConfig:
     """The engine config for checkpoint config ``dcfg``: every setting checked
     (``ValueError`` naming it) before any weight is loaded."""
     from fnllm.device.executor import num_blocks_for_memory
@@ -198,15 +233,18 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
         num_blocks = num_blocks_for_memory(memory, dcfg, block_size, dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={memory} bytes is smaller than one KV block of {block_size} tokens")
+    num_host_blocks = num_blocks_for_memory(swap_space_bytes, dcfg, block_size, dtype)  # the swap_space tier
     budget = max_num_batched_tokens or max(2048, max_num_seqs, 0 if enable_chunked_prefill else max_len)
     eos = tuple(sorted(set(dcfg.eos_token_ids) | set(tokenizer.eos_token_ids)))
     return EngineConfig(
         model=ModelConfig(model=path, dtype=dtype, device=device, seed=seed, vocab_size=dcfg.vocab_size,
                           eos_token_ids=eos, max_logprobs=max_logprobs),
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
+                          num_host_blocks=num_host_blocks),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_len, policy=policy,
             enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,
+            preemption_mode=preemption_mode,
         ),
     )
 

@@ -35,6 +35,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None
+    # prompt tokens whose KV came from a cache tier (device or host) when the
+    # request was first scheduled; None until then (vLLM's field)
+    num_cached_tokens: int | None = None
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

@@ -53,8 +53,9 @@ def diff_plans(expected: dict, actual: dict) -> tuple[tuple[str, ...], str]:
             if expected[key][e] != actual[key][a]:
                 lines.append(f"  seq {sid} ({rid!r}) {key}: recorded {expected[key][e]} replayed {actual[key][a]}")
                 involved.append(rid)
-    if expected.get("copies") != actual["copies"]:
-        lines.append(f"  copies: recorded {expected.get('copies')} replayed {actual['copies']}")
+    for key in ("copies", "swap_out", "swap_in"):
+        if expected.get(key, []) != actual.get(key, []):
+            lines.append(f"  {key}: recorded {expected.get(key, [])} replayed {actual.get(key, [])}")
     if not lines:
         lines.append("  (same rows; the difference is in the sampling parameters)")
     return tuple(dict.fromkeys(involved)), "\n".join(lines)
@@ -125,8 +126,14 @@ def format_state(state: EngineState, config: EngineConfig) -> str:
         f"step {state.step}: {len(state.requests)} live requests, {len(run)} running, {len(state.waiting)} waiting",
         f"pool: {pool.num_blocks} blocks of {pool.block_size} tokens; {pool.num_blocks - pool.num_free} in use, "
         f"{pool.num_free} free ({pool.num_lru} cached and evictable); {len(pool.hash_of)} prefix-cache entries",
-        "running:",
     ]
+    host = pool.host
+    if host is not None and host.num_blocks:
+        lines.append(
+            f"host tier: {host.num_blocks} blocks; {host.num_blocks - host.num_free} hold swapped sequences, "
+            f"{host.num_lru} cached and evictable ({len(host.hash_of)} prefix-cache entries)"
+        )
+    lines.append("running:")
     for i in range(len(run)):
         lines.append(
             f"  seq {run.seq_ids[i]} request {run.request_ids[i]!r}[{run.indexes[i]}]: "
@@ -135,7 +142,10 @@ def format_state(state: EngineState, config: EngineConfig) -> str:
         )
     lines.append("waiting:")
     for s in state.waiting:
-        lines.append(f"  seq {s.seq_id} request {s.request_id!r}[{s.index}] ({s.status.value}), {s.num_output} generated")
+        swapped = f", {s.num_computed} tokens in host blocks {list(s.swapped)}" if s.swapped else ""
+        lines.append(
+            f"  seq {s.seq_id} request {s.request_id!r}[{s.index}] ({s.status.value}), {s.num_output} generated{swapped}"
+        )
     lines.append(f"free blocks (allocation order, first 32): {free_blocks(pool)[:32]}")
     return "\n".join(lines)
 
@@ -163,7 +173,7 @@ def run_events(trace: Trace, config: EngineConfig, executor: Executor, max_steps
         was = set(state.running.seq_ids)
         mid, plan = schedule(state, config)
         preempt += sum(1 for s in mid.waiting if s.seq_id in was)
-        out = executor.execute(plan) if len(plan) else StepOutput()
+        out = executor.execute(plan) if plan.has_device_work else StepOutput()
         state, news = commit(mid, plan, out, config)
         for o in news:
             tokens.setdefault(o.request_id, {}).setdefault(o.index, []).extend(o.new_token_ids)

@@ -7,9 +7,16 @@ as the budget (``max_num_batched_tokens``) and the long-prefill cap allow;
 then, if nothing was preempted, waiting sequences are admitted in policy
 order (FCFS, or priority then arrival), strictly: the first that does not
 fit stops admission. A new sequence starts with its longest cached prefix
-counted as computed. When blocks run out, the lowest-priority, latest
-running sequence is preempted by recompute (blocks freed, counter reset,
-output kept) and returns to the waiting queue in its original order.
+counted as computed (device tier first, then the host tier, whose blocks
+are swapped in). When blocks run out, the lowest-priority, latest running
+sequence is preempted and returns to the waiting queue in its original
+order: by recompute (blocks freed, counter reset, output kept), or under
+``preemption_mode="swap"`` by moving its KV to host blocks (``swap_out``;
+recompute when the host tier is full), swapped back in (``swap_in``) on
+readmission. A step that preempts admits nothing, so no sequence is swapped
+out and back in by one plan. With prefix caching and a host tier, a cached
+block evicted by an allocation is offloaded to the host tier (``swap_out``),
+and the device runs every swap_out before any swap_in.
 
 The returned state already counts the planned tokens as computed and holds
 their blocks; ``commit`` adds the sampled tokens. Every block a plan row
@@ -27,7 +34,7 @@ import attrs
 
 from fnllm.blocks import PoolEdit
 from fnllm.config import EngineConfig
-from fnllm.lifecycle import insert_waiting
+from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
 
 
@@ -52,14 +59,15 @@ class _Step:
         self.chunking = sc.enable_chunked_prefill
         self.policy = sc.policy
         self.requests = state.requests
-        self.edit = PoolEdit(state.pool)
+        self.edit = PoolEdit(state.pool, offload=host_cache_on(config))
+        self.swap = sc.preemption_mode == "swap"
+        self.queries = self.hits = 0
         run = state.running
         self.cols = {c: list(getattr(run, c)) for c in COLUMNS}
         self.live = [True] * len(run)
         self.rows: dict[int, tuple] = {}
         self.preempted: list[Seq] = []
         self.idle_reason = ""
-        self.cache_queries = self.cache_hits = 0  # prefix-cache lookups of admitted seqs, in tokens
 
     # -- preemption -----------------------------------------------------------------
     def _victim(self) -> int:
@@ -78,21 +86,36 @@ class _Step:
     def _preempt(self, i: int) -> None:
         c = self.cols
         row = self.rows.pop(i, None)
+        nc, table = c["num_computed"][i], c["tables"][i]
         if row is not None:  # planned earlier this step: give its tokens back
             self.budget += len(row[0])
-        self.edit.free_table(c["tables"][i])
+            nc = row[1]
+        host_table = self._swap_out(table, nc, row) if self.swap else None
+        self.edit.free_table(table)
         self.live[i] = False
         self.preempted.append(
             Seq(
                 seq_id=c["seq_ids"][i],
                 request_id=c["request_ids"][i],
                 index=c["indexes"][i],
-                status=SeqStatus.PREEMPTED,
+                status=SeqStatus.PREEMPTED if host_table is None else SeqStatus.SWAPPED,
                 output=c["outputs"][i],
                 num_output=c["num_output"][i],
                 hashes=c["hashes"][i],
+                num_computed=0 if host_table is None else nc,
+                swapped=() if host_table is None else tuple(host_table),
             )
         )
+
+    def _swap_out(self, table: tuple[int, ...], nc: int, row: tuple | None) -> list[int] | None:
+        """Host blocks now holding the KV of the first ``nc`` tokens, or None
+        (host tier full). A row planned this step may have replaced a shared
+        block by an unwritten copy: its content is read from the source."""
+        blocks = list(table[: blocks_for(nc, self.bs)])
+        if row is not None:
+            for src, dst in row[3]:
+                blocks = [src if b == dst else b for b in blocks]
+        return self.edit.swap_out(blocks)
 
     # -- running sequences -----------------------------------------------------------
     def schedule_running(self) -> None:
@@ -174,37 +197,72 @@ class _Step:
             k += 1
         return k
 
+    def _new_tokens(self, req: Request, total: int, nc: int) -> int | None:
+        """Tokens an admitted sequence computes this step, or None (no budget)."""
+        new = min(total - nc, self.cap)
+        if self.chunking:
+            return min(new, self.budget)
+        if new > self.budget:
+            self.idle_reason = f"request {req.request_id!r} needs {new} tokens, budget left {self.budget}"
+            return None
+        return new
+
+    def _no_room(self, req: Request, need: int, free: int) -> bool:
+        self.idle_reason = f"request {req.request_id!r} needs {need} free KV blocks, {free} are free"
+        return False
+
     def _admit(self, seq: Seq, req: Request) -> bool:
         bs, edit = self.bs, self.edit
         total = len(req.prompt_token_ids) + seq.num_output
+        if seq.swapped:
+            return self._admit_swapped(seq, req, total)
         hits: list[int] = []
+        host_hits: list[int] = []
         if self.config.cache.enable_prefix_caching:
-            hits = edit.lookup(seq.hashes[: (total - 1) // bs])
-        nc = len(hits) * bs
-        new = min(total - nc, self.cap)
-        if self.chunking:
-            new = min(new, self.budget)
-        elif new > self.budget:
-            self.idle_reason = f"request {req.request_id!r} needs {new} tokens, budget left {self.budget}"
+            wanted = seq.hashes[: (total - 1) // bs]
+            hits = edit.lookup(wanted)
+            if edit.offload and len(hits) < len(wanted):
+                host_hits = edit.lookup_host(wanted[len(hits) :])
+        nc = (len(hits) + len(host_hits)) * bs
+        new = self._new_tokens(req, total, nc)
+        if new is None:
             return False
-        need = -(-(nc + new) // bs) - len(hits)
+        need = blocks_for(nc + new, bs) - len(hits)
         evictable = sum(1 for b in hits if edit.ref.get(b, 0) == 0)
         if edit.num_free - evictable < need:
-            self.idle_reason = (
-                f"request {req.request_id!r} needs {need} free KV blocks, {edit.num_free - evictable} are free"
-            )
-            return False
+            return self._no_room(req, need, edit.num_free - evictable)
         if self.config.cache.enable_prefix_caching:
-            self.cache_queries, self.cache_hits = self.cache_queries + total, self.cache_hits + nc
+            self.queries += total
+            self.hits += nc
         for b in hits:
             edit.incref(b)
-        table = tuple(hits + edit.allocate(need))
+        for h in host_hits:  # pinned before allocating: an offload must not evict them
+            edit.host.incref(h)
+        fresh = edit.allocate(need)
+        edit.move_host_hits(host_hits, fresh, seq.hashes[len(hits) :])
+        self._add_row(seq, req, nc, total, new, tuple(hits + fresh))
+        return True
+
+    def _admit_swapped(self, seq: Seq, req: Request, total: int) -> bool:
+        """Readmit a swapped sequence: all its host blocks come back at once."""
+        nc = seq.num_computed
+        new = self._new_tokens(req, total, nc)
+        if new is None:
+            return False
+        need = blocks_for(nc + new, self.bs)
+        if self.edit.num_free < need:
+            return self._no_room(req, need, self.edit.num_free)
+        table = self.edit.allocate(need)
+        self.edit.swap_in(seq.swapped, table)
+        self._add_row(seq, req, nc, total, new, tuple(table))
+        return True
+
+    def _add_row(self, seq: Seq, req: Request, nc: int, total: int, new: int, table: tuple[int, ...]) -> None:
         row = (seq.seq_id, seq.request_id, seq.index, req.sampling, nc, total, seq.num_output, seq.output, table, seq.hashes)
         for name, v in zip(COLUMNS, row):
             self.cols[name].append(v)
         self.live.append(True)
         self._plan(len(self.live) - 1, nc, new, [])
-        return True
 
     # -- result -------------------------------------------------------------------------
     def finish(self, n_admitted: int) -> tuple[EngineState, BatchPlan]:
@@ -214,13 +272,14 @@ class _Step:
         else:
             running = Running(*(tuple(x for x, ok in zip(c[k], live) if ok) for k in COLUMNS))
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
+        plan = self._build_plan()
         new_state = attrs.evolve(
             state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1,
             num_preemptions=state.num_preemptions + len(self.preempted),
-            prefix_cache_queries=state.prefix_cache_queries + self.cache_queries,
-            prefix_cache_hits=state.prefix_cache_hits + self.cache_hits,
+            prefix_cache_queries=state.prefix_cache_queries + self.queries,
+            prefix_cache_hits=state.prefix_cache_hits + self.hits,
         )
-        return new_state, self._build_plan()
+        return new_state, plan
 
     def _build_plan(self) -> BatchPlan:
         c, rows = self.cols, self.rows
@@ -241,6 +300,8 @@ class _Step:
             output_pos=tuple([c["num_output"][i] for i in order]),
             sampling=tuple([c["sampling"][i] for i in order]),
             copies=tuple([cp for r in plan_rows for cp in r[3]]),
+            swap_out=tuple(self.edit.swaps_out),
+            swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
         )
 
@@ -260,6 +321,11 @@ def schedule_general(state: EngineState, config: EngineConfig) -> tuple[EngineSt
     return step.finish(admitted)
 
 
+def host_cache_on(config: EngineConfig) -> bool:
+    """Evicted cached device blocks go to the host tier (the host prefix cache)."""
+    return config.cache.enable_prefix_caching and config.cache.num_host_blocks > 0
+
+
 def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, BatchPlan] | None:
     """Column-wise plan for the common step: nothing waiting, every running row
     decodes one token within budget and blocks, no tail block shared. None
@@ -276,14 +342,16 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         return None
     boundary = [i for i, c in enumerate(ncs) if not c % bs]
     tables = run.tables
+    swap_out = ()
     if boundary:
         if len(boundary) > pool.num_free:
             return None
-        edit = PoolEdit(pool)
+        edit = PoolEdit(pool, offload=host_cache_on(config))
         tables = list(tables)
         for i in boundary:
             tables[i] = tables[i] + (edit.take(),)
         tables = tuple(tables)
+        swap_out = tuple(edit.swaps_out)
         pool = edit.finish()
     running = attrs.evolve(run, num_computed=tuple([c + 1 for c in ncs]), tables=tables)
     plan = BatchPlan(
@@ -297,5 +365,6 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         sample_index=run.indexes,
         output_pos=run.num_output,
         sampling=run.sampling,
+        swap_out=swap_out,
     )
     return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan

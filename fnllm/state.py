@@ -144,7 +144,8 @@ class SamplingParams:
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
-    PREEMPTED = "preempted"
+    PREEMPTED = "preempted"  # by recompute: its KV dropped
+    SWAPPED = "swapped"  # by swap: its KV in host blocks
     RUNNING = "running"
 
 
@@ -166,8 +167,10 @@ class Request:
 
 @attrs.frozen(kw_only=True)
 class Seq:
-    """A sequence not running: waiting for first admission, or preempted
-    (its KV dropped, its output kept; it recomputes on readmission)."""
+    """A sequence not running: waiting for first admission, preempted by
+    recompute (its KV dropped, its output kept; it recomputes on
+    readmission), or swapped (``swapped`` holds the host blocks with the KV
+    of its first ``num_computed`` tokens; they come back on readmission)."""
 
     seq_id: int
     request_id: str
@@ -176,6 +179,8 @@ class Seq:
     output: Cons = None
     num_output: int = 0
     hashes: tuple[bytes, ...] = ()  # hash chain of its full token blocks, as far as known
+    num_computed: int = 0  # tokens whose KV is in ``swapped`` (SWAPPED only)
+    swapped: tuple[int, ...] = ()  # host block table (SWAPPED only)
 
 
 @attrs.frozen
@@ -216,6 +221,13 @@ class BlockPool:
     free blocks are either never cached (``free_stack`` plus the untouched
     range ``[fresh, num_blocks)``) or cached and evictable, in least recently
     used order in the persistent linked list ``lru_*``.
+
+    Tiers: the device pool's ``host`` is a second pool of the same shape
+    (``host.host`` is None) holding host blocks: the KV of swapped sequences
+    (referenced) and, with the host prefix cache, offloaded cached blocks
+    (free, cached, in its own LRU). Block ids are per tier; a plan moves
+    content between tiers with ``swap_out``/``swap_in``. A hash is cached in
+    at most one tier.
     """
 
     num_blocks: int
@@ -233,6 +245,7 @@ class BlockPool:
     by_hash: Map = EMPTY_MAP  # chained hash -> cached block
     # content of each cached block (parent hash, tokens, extra), for invariant 5
     content: Map = EMPTY_MAP
+    host: Optional["BlockPool"] = None
 
     @property
     def num_free(self) -> int:
@@ -259,8 +272,8 @@ class EngineState:
     next_seq_id: int = 0
     next_arrival: int = 0
     step: int = 0
-    # monotonic counters for metrics (not part of the trace digest; no decision reads them):
-    # preemptions so far, and prefix-cache lookups in tokens (queried, found cached)
+    # counters for metrics (never read by a decision): preemptions (either
+    # mode), and prefix-cache lookups in tokens queried and tokens found
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
@@ -281,6 +294,11 @@ class BatchPlan:
     The random stream of sample ``j`` of row ``i`` is a function of
     ``(sampling[i].seed, sample_index[i] + j, output_pos[i])`` only.
     ``copies`` are (src, dst) block copies the device makes before the forward.
+    ``swap_out`` are (device, host) and ``swap_in`` (host, device) block
+    moves between tiers. The device runs them in the order swap_out,
+    swap_in, copies, forward; the core guarantees that no host block is both
+    a swap_in source and a swap_out target of one plan, and that every
+    device block a row reads is on the device by then.
     """
 
     step: int
@@ -294,6 +312,8 @@ class BatchPlan:
     output_pos: tuple[int, ...] = ()
     sampling: tuple[SamplingParams, ...] = ()
     copies: tuple[tuple[int, int], ...] = ()
+    swap_out: tuple[tuple[int, int], ...] = ()
+    swap_in: tuple[tuple[int, int], ...] = ()
     idle_reason: str = ""
 
     def __len__(self) -> int:
@@ -302,6 +322,11 @@ class BatchPlan:
     @property
     def num_tokens(self) -> int:
         return sum(len(t) for t in self.token_ids)
+
+    @property
+    def has_device_work(self) -> bool:
+        """Rows to run, or blocks to copy or move: a plan with none needs no device call."""
+        return bool(self.seq_ids or self.copies or self.swap_out or self.swap_in)
 
 
 # A sampled token's logprobs: ((sampled_id, logprob), (top1_id, lp), ...).
@@ -318,8 +343,9 @@ class StepOutput:
 
 
 class Executor(Protocol):
-    """The device contract: run a plan (its copies first, then one forward)
-    and return what it sampled. Keeps no per-request state beyond KV blocks."""
+    """The device contract: run a plan (its swaps and copies first, then one
+    forward) and return what it sampled. Keeps no per-request state beyond
+    KV blocks (device and host tiers)."""
 
     def execute(self, plan: BatchPlan) -> StepOutput: ...
 

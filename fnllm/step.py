@@ -221,6 +221,6 @@ def step(
 ) -> tuple[EngineState, BatchPlan, StepOutput, Outputs]:
     """One turn: schedule, execute (the only impure call), commit."""
     state, plan = schedule(state, config, now=now)
-    output = executor.execute(plan) if len(plan) else StepOutput()
+    output = executor.execute(plan) if plan.has_device_work else StepOutput()
     state, outs = commit(state, plan, output, config)
     return state, plan, output, outs

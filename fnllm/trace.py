@@ -12,6 +12,8 @@ happened:
 - ``{"type": "fault", "step": s, "plan": <digest>, "errors": [request_id, ...]}``: the plan scheduled
   at step ``s`` failed on the device; replay re-plans it, applies
   :func:`~fnllm.faults.repair_after_failure` and ends the isolated requests
+- ``{"type": "stage", "step": s, "request_id": ..., "first": j, "count": k}`` (prompt blocks
+  ``j .. j+k-1`` of a request read from the disk tier into the host tier)
 - ``{"type": "step", "step": s, "plan": <plan digest>, "state": <state digest after commit>,
   "n": <rows>, "sampled": [[...], ...], "logprobs": ... | null, "rows": <the plan>}``
 
@@ -33,7 +35,7 @@ import attrs
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from fnllm.faults import repair_after_failure
-from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
+from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state, stage_blocks
 from fnllm.schedule import schedule
 from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
 from fnllm.step import commit
@@ -57,6 +59,11 @@ def state_digest(state: EngineState) -> str:
         h.update(repr(col).encode())
     h.update(repr([o[0] if o else None for o in run.outputs]).encode())
     h.update(repr([(s.seq_id, s.request_id, s.index, s.status.value, s.num_output) for s in state.waiting]).encode())
+    swapped = [(s.seq_id, s.num_computed, s.swapped) for s in state.waiting if s.swapped]
+    if swapped or (pool.host is not None and pool.host.num_blocks):
+        host = pool.host
+        hc = (host.num_stack, host.fresh, host.num_lru, host.lru_head, host.lru_tail, len(host.hash_of))
+        h.update(repr((swapped, hc, sorted(host.ref.items()))).encode())
     h.update(repr(sorted(state.alive.items())).encode())
     h.update(repr((state.next_seq_id, state.next_arrival, state.step)).encode())
     counters = (pool.num_stack, pool.fresh, pool.num_lru, pool.lru_head, pool.lru_tail, len(pool.hash_of))
@@ -107,6 +114,8 @@ def plan_to_json(plan: BatchPlan) -> dict:
         "block_tables": [list(t) for t in plan.block_tables],
         "num_samples": list(plan.num_samples),
         "copies": [list(c) for c in plan.copies],
+        "swap_out": [list(c) for c in plan.swap_out],
+        "swap_in": [list(c) for c in plan.swap_in],
     }
 
 
@@ -152,6 +161,9 @@ class TraceWriter:
 
     def finish(self, step: int, request_id: str, index: int) -> None:
         self._write({"type": "finish", "step": step, "request_id": request_id, "index": index})
+
+    def stage(self, step: int, request_id: str, first: int, count: int) -> None:
+        self._write({"type": "stage", "step": step, "request_id": request_id, "first": first, "count": count})
 
     def step(self, plan: BatchPlan, output: StepOutput, state: EngineState) -> None:
         rec = {"type": "step", "step": plan.step, "plan": plan_digest(plan), "state": state_digest(state), "n": len(plan)}
@@ -227,6 +239,11 @@ def apply_event(state: EngineState, event: dict, config: EngineConfig) -> Engine
         for rid in event["errors"]:
             state = abort_request(state, rid)
         return state
+    if kind == "stage":
+        staged, got = stage_blocks(state, event["request_id"], event["first"], event["count"])
+        if len(got) != event["count"]:
+            raise ValueError(f"recorded stage of {event['count']} blocks of {event['request_id']!r} stages {len(got)} on replay")
+        return staged
     raise ValueError(f"unknown trace event type {kind!r}")
 
 

@@ -2,8 +2,10 @@
 
 :class:`ModelExecutor` owns the weights and one KV tensor per layer,
 ``(2, num_blocks, block_size, num_kv_heads, head_size)`` as vllm-ascend lays
-it out. A step: block copies (``plan.copies``, all layers, before anything
-else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
+it out, and (with ``num_host_blocks``) a host tier of the same layout
+(:mod:`fnllm.device.kv_tiers`). A step: the plan's swaps and block copies
+(``plan.swap_out``, ``plan.swap_in``, ``plan.copies``, all layers, before
+anything else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
 metadata, the forward (logits only for rows that sample), then sampling. It
 keeps no per-request state: everything a step needs is in its plan.
 """
@@ -16,6 +18,7 @@ import torch
 
 from fnllm.device.attention import get_attn_backend, resolve_device
 from fnllm.device.batch import HostBatch, build_host_batch
+from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
 from fnllm.device.sampling import SampleRequest, sample
 from fnllm.model.loader import load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
@@ -51,6 +54,8 @@ class ModelExecutor:
         seed: int = 0,
         attn_backend: str | None = None,
         checkpoint=None,
+        num_host_blocks: int | None = None,
+        swap_space_bytes: int = 0,
     ):
         # validates before anything is allocated (``checkpoint``: already opened by the caller)
         ckpt = checkpoint if checkpoint is not None else open_checkpoint(model_path)
@@ -73,6 +78,11 @@ class ModelExecutor:
             self.model.repack_linears(self.backend.pack_weight)
         shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.config.num_layers)]
+        if num_host_blocks is None:
+            element = torch.empty((), dtype=self.dtype).element_size()
+            num_host_blocks = host_blocks_for_memory(swap_space_bytes, self.config.kv_block_bytes(block_size, element))
+        self.num_host_blocks = num_host_blocks
+        self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
 
     @classmethod
     def from_engine_config(cls, config, *, attn_backend: str | None = None) -> "ModelExecutor":
@@ -81,7 +91,7 @@ class ModelExecutor:
         if m.model is None:
             raise ValueError("EngineConfig.model.model (the model path) is not set")
         return cls(m.model, dtype=m.dtype, device=m.device, num_blocks=c.num_blocks, block_size=c.block_size,
-                   seed=m.seed, attn_backend=attn_backend)
+                   seed=m.seed, attn_backend=attn_backend, num_host_blocks=c.num_host_blocks)
 
     # -- what the engine needs to know ------------------------------------------------
 
@@ -102,6 +112,14 @@ class ModelExecutor:
         return self.config.max_position_embeddings
 
     # -- a step --------------------------------------------------------------------
+
+    def move_blocks(self, plan: BatchPlan) -> None:
+        """The plan's tier moves (swap_out, then swap_in), then its copies."""
+        if plan.swap_out or plan.swap_in:
+            if self.host_kv is None:
+                raise ValueError("the plan moves blocks between tiers but this executor has no host tier")
+            self.host_kv.apply(self.kv_caches, plan.swap_out, plan.swap_in)
+        self.copy_blocks(plan.copies)
 
     @torch.inference_mode()
     def copy_blocks(self, copies) -> None:
@@ -130,13 +148,13 @@ class ModelExecutor:
     def compute_logits(self, plan: BatchPlan) -> torch.Tensor:
         """Run ``plan`` (copies and KV writes included) and return the logits of
         its sampling rows, in row order (float32), without sampling."""
-        self.copy_blocks(plan.copies)
+        self.move_blocks(plan)
         if not len(plan):
             return torch.empty((0, self.vocab_size))
         return self.forward(self._host_batch(plan)).float()
 
     def execute(self, plan: BatchPlan) -> StepOutput:
-        self.copy_blocks(plan.copies)
+        self.move_blocks(plan)
         if not len(plan):
             return StepOutput(sampled=())
         batch = self._host_batch(plan)

@@ -7,7 +7,11 @@ different context and a different token, exactly as it would on a device.
 The next token is a fixed function of the whole context (and, for sampled
 rows, of seed, sample index and output position), so with this executor
 tokens depend only on the sequence's prefix: any difference across block
-sizes, budgets or preemption is a scheduler bug. Imports no torch.
+sizes, budgets or preemption is a scheduler bug. Host blocks (the swap
+tier) are emulated too: ``swap_out`` copies a device block to a host block,
+``swap_in`` copies it back (in that order, before copies and the forward),
+so a missed, misdirected or reordered swap reads other tokens or unwritten
+KV. Imports no torch.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ class FakeExecutor:
         self.vocab_size = vocab_size
         self.eos_token_id, self.eos_every = eos_token_id, eos_every
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.host: dict[int, list[int | None]] = {}
         self.steps = 0
+        self.swapped_out = self.swapped_in = 0
 
     def _token(self, context: tuple[int, ...], sp, index: int, out_pos: int) -> int:
         if self.eos_token_id is not None and self.eos_every and len(context) % self.eos_every == 0:
@@ -50,7 +56,13 @@ class FakeExecutor:
         return fake_next_token(context, self.vocab_size, salt)
 
     def execute(self, plan: BatchPlan) -> StepOutput:
-        bs, kv = self.block_size, self.kv
+        bs, kv, host = self.block_size, self.kv, self.host
+        for dev, h in plan.swap_out:
+            host[h] = list(kv[dev])
+        for h, dev in plan.swap_in:
+            kv[dev] = list(host.get(h) or [None] * bs)
+        self.swapped_out += len(plan.swap_out)
+        self.swapped_in += len(plan.swap_in)
         for src, dst in plan.copies:
             kv[dst] = list(kv[src])
         # write every row's KV first, then read, like a real layer does

@@ -39,6 +39,16 @@ def smollm2_path():
         pytest.fail(str(e))
 
 
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    """The demo model behind one ``LLM``, loaded once for every module that
+    builds its own engines over its executor (the executor keeps no
+    per-request state)."""
+    from fnllm.llm import LLM
+
+    return LLM(str(smollm2_path), dtype="float32", device="cpu", num_kv_blocks=512, max_model_len=1024, seed=0)
+
+
 @pytest.fixture
 def fake_torch_npu(monkeypatch):
     """Install the stand-in as ``torch_npu`` for one test."""

@@ -27,8 +27,8 @@ RAW = ["The three primary colors are", "def fibonacci(n):\n    ", "北京是中�
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_path):
-    return LLM(str(smollm2_path), dtype="float32", device="cpu", num_kv_blocks=512, max_model_len=1024, seed=0)
+def llm(smollm2_llm):
+    return smollm2_llm
 
 
 @pytest.fixture(scope="module")

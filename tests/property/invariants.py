@@ -14,8 +14,10 @@ from fnllm.step import commit
 from tests.property.strategies import EOS
 
 
-def snapshot_pool(pool: BlockPool) -> tuple:
-    """A deep, plain-Python copy of a pool: equal iff the pool is unchanged."""
+def snapshot_pool(pool: BlockPool | None) -> tuple | None:
+    """A deep, plain-Python copy of a pool (and its host tier): equal iff the pool is unchanged."""
+    if pool is None:
+        return None
     return (
         pool.num_blocks,
         pool.block_size,
@@ -30,6 +32,7 @@ def snapshot_pool(pool: BlockPool) -> tuple:
         pool.num_lru,
         tuple(sorted(pool.hash_of.items())),
         tuple(sorted(pool.content.items(), key=lambda kv: kv[0])),
+        snapshot_pool(pool.host),
     )
 
 
@@ -43,6 +46,7 @@ def snapshot(state: EngineState) -> tuple:
         state.next_seq_id,
         state.next_arrival,
         state.step,
+        (state.num_preemptions, state.prefix_cache_queries, state.prefix_cache_hits),
     )
 
 
@@ -61,6 +65,7 @@ class Run:
         self.rejected: dict[str, str] = {}
         self.plans = []
         self.preemptions = 0
+        self.swaps = 0  # sequences swapped out
 
     def add(self, request: Request) -> bool:
         out = add_request(self.state, request, self.config)
@@ -78,7 +83,8 @@ class Run:
         check_invariants(after, self.config)
         was_running = set(before.running.seq_ids)
         self.preemptions += sum(1 for s in after.waiting if s.seq_id in was_running)
-        out = self.ex.execute(plan) if len(plan) else StepOutput()
+        self.swaps += sum(1 for s in after.waiting if s.seq_id in was_running and s.swapped)
+        out = self.ex.execute(plan) if plan.has_device_work else StepOutput()
         self.state, outs = commit(after, plan, out, self.config)
         check_invariants(self.state, self.config)
         self.plans.append(plan)
@@ -98,6 +104,7 @@ class Run:
             n += 1
         pool = self.state.pool
         assert pool.num_free == pool.num_blocks, "invariant 6: blocks held after every request finished"
+        assert pool.host.num_free == pool.host.num_blocks, "invariant 6: host blocks held after every request finished"
         return n
 
 

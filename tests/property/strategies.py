@@ -39,8 +39,12 @@ def sampling_params(draw, max_tokens: int = 8, allow_n: bool = True) -> Sampling
 
 
 @st.composite
-def engine_configs(draw, max_blocks: int = 24) -> EngineConfig:
+def engine_configs(draw, max_blocks: int = 24, swap: bool | None = None, tight: bool = False) -> EngineConfig:
+    """Tiny pools; ``swap`` True/False forces the preemption mode (None draws it),
+    with a host tier of 0 to 16 blocks (0 or a few: swap falls back to recompute).
+    ``tight``: a device pool just big enough for one request, so preemption is common."""
     bs = draw(st.sampled_from((1, 2, 4, 8)))
+    mode = draw(st.sampled_from(("recompute", "swap"))) if swap is None else ("swap" if swap else "recompute")
     chunking = draw(st.booleans())
     max_len = 64
     budget = draw(st.integers(max_len if not chunking else 1, 96))
@@ -48,8 +52,9 @@ def engine_configs(draw, max_blocks: int = 24) -> EngineConfig:
         model=ModelConfig(vocab_size=VOCAB, eos_token_ids=(EOS,)),
         cache=CacheConfig(
             block_size=bs,
-            num_blocks=draw(st.integers(max(1, 48 // bs), max(max_blocks, 48 // bs + 8))),
+            num_blocks=draw(st.integers(max(1, 48 // bs), 48 // bs + (2 if tight else max(max_blocks - 48 // bs, 8)))),
             enable_prefix_caching=draw(st.booleans()),
+            num_host_blocks=draw(st.sampled_from((0, 2, 6, 16))),
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=budget,
@@ -58,5 +63,6 @@ def engine_configs(draw, max_blocks: int = 24) -> EngineConfig:
             policy=draw(st.sampled_from(("fcfs", "priority"))),
             enable_chunked_prefill=chunking,
             long_prefill_token_threshold=draw(st.sampled_from((0, 0, 3, 7))),
+            preemption_mode=mode,
         ),
     )

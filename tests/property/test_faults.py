@@ -9,6 +9,7 @@ stale cached prefix gives a different token.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -165,3 +166,28 @@ def test_plan_subset_writes_a_subset_of_the_plans_slots():
         sub = written_offsets(plan_subset(plan, rows), 2)
         assert all(b in whole and whole[b] <= off for b, off in sub.items())
     assert repair_after_failure(state, plan, cfg) == state  # nothing computed was written: nothing to repair
+
+
+def test_failed_plan_that_swapped_a_victim_out_is_not_rerun():
+    # as above, under preemption_mode="swap": x's blocks go to the host tier and
+    # y writes into x's old block, then the plan fails. Running the plan again
+    # would copy y's token to the host as x's KV; instead x is recomputed.
+    cfg = config(num_blocks=4)
+    cfg = attrs.evolve(cfg, cache=attrs.evolve(cfg.cache, num_host_blocks=8),
+                       scheduler=attrs.evolve(cfg.scheduler, preemption_mode="swap"))
+    calls = []
+
+    def fails(plan):  # the first run of each plan that swaps out fails (after writing)
+        if plan.swap_out and plan.step not in calls:
+            calls.append(plan.step)
+            return True
+        return False
+
+    dev = Failing(cfg, fails)
+    engine = LLMEngine(cfg, dev)
+    engine.add_request("y", [5, 6, 7], GREEDY)
+    engine.add_request("x", [8, 9, 10], GREEDY)
+    finals = run(engine, cfg)
+    assert calls and dev.failures == len(calls)
+    for rid, prompt in (("x", [8, 9, 10]), ("y", [5, 6, 7])):
+        assert finals[rid].outputs[0].token_ids == solo(cfg, prompt)

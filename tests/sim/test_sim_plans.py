@@ -71,7 +71,7 @@ def core_reference(work, config, res):
         was = set(state.running.seq_ids)
         mid, plan = schedule(state, config)
         preempt += sum(1 for s in mid.waiting if s.seq_id in was)
-        state, _ = commit(mid, plan, ex.execute(plan) if len(plan) else StepOutput(), config)
+        state, _ = commit(mid, plan, ex.execute(plan) if plan.has_device_work else StepOutput(), config)
         check_invariants(state, config)
         plans.append(plan)
     assert not state.requests
