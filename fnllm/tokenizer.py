@@ -312,16 +312,22 @@ def _load_directory(directory: Path) -> Tokenizer:
         *_as_ids(backend.eos_token_id),
         *_as_ids(generation.get("eos_token_id")),
         *_as_ids(config.get("eos_token_id")),
+        *_as_ids(_read_json(directory / "fnllm_tokenizer.json").get("eos_token_ids")),  # a converted GGUF's
     ]
     return Tokenizer(backend, eos, is_pangu=_is_pangu(config), source=str(directory))
+
+
+def _gguf_or_copy(path: Path) -> Path:
+    """A GGUF's converted copy when there is one (it reads in milliseconds), else the GGUF."""
+    from fnllm.model.gguf_cache import converted_dir
+
+    return converted_dir(path) or path
 
 
 def _resolve(path: Path) -> Path:
     """The .gguf file or tokenizer directory that ``path`` names; ValueError if none."""
     if path.is_file() and path.suffix == ".gguf":
-        from fnllm.model.gguf_cache import converted_dir
-
-        return converted_dir(path) or path  # the converted copy reads in milliseconds
+        return _gguf_or_copy(path)
     if path.is_file() and path.name in _TOKENIZER_FILES:
         return path.parent
     if path.is_dir():
@@ -329,7 +335,7 @@ def _resolve(path: Path) -> Path:
             return path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ggufs[0]
+            return _gguf_or_copy(ggufs[0])
     raise ValueError(
         f"no tokenizer found at {path}: looked for a .gguf file, or a directory holding "
         f"{' or '.join(_TOKENIZER_FILES)} (or exactly one .gguf file)"

@@ -5,8 +5,9 @@ package walks every key and token string through numpy memmaps), and the
 tokenizer and the weights each read it. ``convert(gguf)`` writes, once, a
 Hugging Face directory under ``$FNLLM_CACHE/converted/<sha256 prefix>/``:
 
-- ``config.json`` and ``generation_config.json`` (every stop id the GGUF's
-  tokenizer and metadata name);
+- ``config.json``, the GGUF's model config as it is, and
+  ``fnllm_tokenizer.json``, the tokenizer's stop ids (a GGUF's
+  end-of-generation tokens, which no Hugging Face file records);
 - ``model.safetensors``: the tensors exactly as the GGUF path yields them
   (dequantized to float32, llama.cpp's q/k permutation undone), so a model
   loaded from the copy is bit-identical to one loaded from the GGUF;
@@ -31,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 INDEX = "index.json"
+TOKENIZER_EXTRA = "fnllm_tokenizer.json"
 
 
 def enabled() -> bool:
@@ -101,9 +103,9 @@ def _write(gguf: Path, out: Path, sha: str) -> None:
 
     ckpt = open_gguf(gguf)
     tok = load_tokenizer(gguf)  # not yet converted: read from the GGUF itself
-    eos = sorted(set(ckpt.config.eos_token_ids) | set(tok.eos_token_ids))
-    (out / "config.json").write_text(json.dumps(_hf_config(ckpt.config, eos), indent=1))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    (out / "config.json").write_text(json.dumps(_hf_config(ckpt.config, list(ckpt.config.eos_token_ids)), indent=1))
+    # the tokenizer's own stop ids (a GGUF's end-of-generation tokens), read back by load_tokenizer
+    (out / TOKENIZER_EXTRA).write_text(json.dumps({"eos_token_ids": list(tok.eos_token_ids)}))
     save_file({name: ref.read().contiguous() for name, ref in ckpt.tensors.items()}, str(out / "model.safetensors"))
     tok.save_pretrained(out)
     (out / "source.json").write_text(json.dumps(dict(_key(gguf), sha256=sha)))

@@ -27,9 +27,7 @@ def test_converted_copy_is_the_same_model(smollm2_path, monkeypatch):
     for text in ("Hello world", "北京是中国的 🤖", "def f(x):\n    return x"):
         assert fast_tok.encode(text) == tok.encode(text)
     assert fast_tok.apply_chat_template_ids(MESSAGES) == tok.apply_chat_template_ids(MESSAGES)
-    assert set(fast_ckpt.config.eos_token_ids) | set(fast_tok.eos_token_ids) == set(ckpt.config.eos_token_ids) | set(
-        tok.eos_token_ids
-    )
+    assert fast_ckpt.config == ckpt.config and fast_tok.eos_token_ids == tok.eos_token_ids
     assert set(fast_ckpt.tensors) == set(ckpt.tensors)
     for name, ref in ckpt.tensors.items():
         assert torch.equal(fast_ckpt.tensors[name].read(), ref.read()), name
