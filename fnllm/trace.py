@@ -26,7 +26,7 @@ from typing import Iterator
 
 import attrs
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.schedule import schedule
 from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
@@ -66,7 +66,8 @@ def config_to_json(config: EngineConfig) -> dict:
 
 def config_from_json(d: dict) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(**d["model"]), cache=CacheConfig(**d["cache"]), scheduler=SchedulerConfig(**d["scheduler"])
+        model=ModelConfig(**d["model"]), cache=CacheConfig(**d["cache"]), scheduler=SchedulerConfig(**d["scheduler"]),
+        parallel=ParallelConfig(**d.get("parallel", {})),
     )
 
 

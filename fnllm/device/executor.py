@@ -6,6 +6,12 @@ it out. A step: block copies (``plan.copies``, all layers, before anything
 else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
 metadata, the forward (logits only for rows that sample), then sampling. It
 keeps no per-request state: everything a step needs is in its plan.
+
+As one rank of a parallel model (``shard`` and ``groups``, built by
+:class:`fnllm.device.worker.Worker`) it holds only its shard of the weights
+and of the KV cache (its KV heads, its layers); a later pipeline stage
+receives the hidden states from the one before, and only the output rank (TP
+rank 0 of the last stage) samples: the others' ``execute`` returns None.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from fnllm.device.batch import HostBatch, build_host_batch
 from fnllm.device.sampling import SampleRequest, sample
 from fnllm.model.loader import load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
+from fnllm.model.parallel import local_config
 from fnllm.state import BatchPlan, Executor, StepOutput
 
 __all__ = ["Executor", "ModelExecutor", "num_blocks_for_memory"]
@@ -50,6 +57,8 @@ class ModelExecutor:
         block_size: int = 16,
         seed: int = 0,
         attn_backend: str | None = None,
+        shard=None,
+        groups=None,
     ):
         ckpt = open_checkpoint(model_path)  # validates before anything is allocated
         self.config: DecoderConfig = ckpt.config
@@ -65,12 +74,16 @@ class ModelExecutor:
         if num_blocks < 1:
             raise ValueError(f"KV cache memory holds no block of {block_size} tokens (num_blocks={num_blocks})")
         self.num_blocks = num_blocks
-        self.backend = get_attn_backend(self.device, attn_backend, cfg=self.config, block_size=block_size, dtype=self.dtype)
-        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device)
+        self.shard, self.groups = shard, groups
+        if groups is not None:
+            self.device = groups.device
+        local = local_config(self.config, shard) if shard is not None else self.config  # the rank's heads, layers
+        self.backend = get_attn_backend(self.device, attn_backend, cfg=local, block_size=block_size, dtype=self.dtype)
+        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups)
         if self.backend.packs_linears:
             self.model.repack_linears(self.backend.pack_weight)
-        shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.config.num_layers)]
+        shape = (2, num_blocks, block_size, local.num_kv_heads, local.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(local.num_layers)]
 
     @classmethod
     def from_engine_config(cls, config, *, attn_backend: str | None = None) -> "ModelExecutor":
@@ -111,27 +124,42 @@ class ModelExecutor:
             cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()
-    def forward(self, batch: HostBatch) -> torch.Tensor:
-        """The logits ``[len(batch.sample_rows), vocab]``, in the model's dtype."""
+    def forward(self, batch: HostBatch) -> torch.Tensor | None:
+        """The logits ``[len(batch.sample_rows), vocab]``, in the model's dtype
+        (None on a rank that does not sample)."""
         meta = self.backend.prepare(batch, self.model.cos_sin_cache)
         input_ids = torch.from_numpy(batch.input_ids).to(self.device)
         logits_indices = torch.from_numpy(batch.logits_indices).to(self.device)
-        return self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices)
+        if self.shard is None:
+            return self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices)
+        from fnllm.distributed import pp_recv, pp_send
 
-    def compute_logits(self, plan: BatchPlan) -> torch.Tensor:
+        hidden = None
+        if not self.shard.is_first:
+            hidden = pp_recv((batch.num_tokens, self.config.hidden_size), self.dtype, 2, self.groups)
+        out = self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices, hidden)
+        if not self.shard.is_last:
+            pp_send(list(out), self.groups)
+            return None
+        return out
+
+    def compute_logits(self, plan: BatchPlan) -> torch.Tensor | None:
         """Run ``plan`` (copies and KV writes included) and return the logits of
         its sampling rows, in row order (float32), without sampling."""
         self.copy_blocks(plan.copies)
         if not len(plan):
             return torch.empty((0, self.vocab_size))
-        return self.forward(build_host_batch(plan, self.block_size, self.vocab_size)).float()
+        logits = self.forward(build_host_batch(plan, self.block_size, self.vocab_size))
+        return None if logits is None else logits.float()
 
-    def execute(self, plan: BatchPlan) -> StepOutput:
+    def execute(self, plan: BatchPlan) -> StepOutput | None:
         self.copy_blocks(plan.copies)
         if not len(plan):
             return StepOutput(sampled=())
         batch = build_host_batch(plan, self.block_size, self.vocab_size)
         logits = self.forward(batch)
+        if logits is None:
+            return None
         rows = batch.sample_rows.tolist()
         reqs = [
             SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i],
