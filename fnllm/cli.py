@@ -24,6 +24,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks that split every layer")
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages that split the layers")
+    p.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
+                   help="how workers run (default: uni for one rank, mp otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +80,14 @@ def _make_llm(args):
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
+        **_parallel_kwargs(args),
     )
+
+
+def _parallel_kwargs(args) -> dict:
+    """The LLM's parallel arguments from the model flags (shared by generate and serve)."""
+    return dict(tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                distributed_executor_backend=args.distributed_executor_backend)
 
 
 def _prompt_of(llm, text: str, chat: bool, system: str | None):
@@ -137,7 +148,11 @@ def _stream(llm, prompt, sp) -> None:
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give a prompt or --prompts-file (one of the two)")
-    llm = _make_llm(args)
+    with _make_llm(args) as llm:
+        return _generate(llm, args)
+
+
+def _generate(llm, args) -> int:
     if args.prompts_file:
         prompts, params = _read_prompts(llm, args)
     else:

@@ -4,15 +4,23 @@
 demo SmolLM2 model when ``model`` is None), sizes the KV cache from
 ``num_kv_blocks`` or ``kv_cache_memory`` (bytes), and serves ``generate``
 and ``chat`` through an :class:`~fnllm.engine.LLMEngine`.
+
+``tensor_parallel_size`` / ``pipeline_parallel_size`` spread the model over
+worker processes (``distributed_executor_backend``: "uni", "mp" or "ray";
+default "uni" for one rank, "mp" otherwise; see :mod:`fnllm.executor`); the
+KV memory is then per rank. ``LLM`` is a context manager, ``shutdown()``
+stops its workers, and an atexit hook does so at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import time
+import weakref
 from typing import Sequence
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from fnllm.engine import LLMEngine, PromptType
 from fnllm.outputs import RequestOutput
 from fnllm.state import SamplingParams
@@ -48,8 +56,11 @@ class LLM:
         long_prefill_token_threshold: int = 0,
         attn_backend: str | None = None,
         trace: str | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
     ) -> None:
-        from fnllm.device.executor import ModelExecutor
+        from fnllm.executor import make_executor
         from fnllm.tokenizer import load_tokenizer
 
         path = _model_path(model)
@@ -58,11 +69,16 @@ class LLM:
         if kv_cache_memory is not None and kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {kv_cache_memory!r}")
         CacheConfig(block_size=block_size, num_blocks=num_kv_blocks or 1)  # validate before loading anything
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                                  distributed_executor_backend=distributed_executor_backend)
         self.tokenizer = load_tokenizer(path)
-        executor = ModelExecutor(
-            path, dtype=dtype, device=device, num_blocks=num_kv_blocks, kv_cache_bytes=None if num_kv_blocks else kv_cache_memory,
-            block_size=block_size, seed=seed, attn_backend=attn_backend,
+        executor = make_executor(
+            path, parallel, dtype=dtype, device=device, num_blocks=num_kv_blocks,
+            kv_cache_bytes=None if num_kv_blocks else kv_cache_memory, block_size=block_size, seed=seed,
+            attn_backend=attn_backend,
         )
+        self._executor = executor
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
         max_len = max_model_len or min(executor.max_position_embeddings, 4096)
         budget = max_num_batched_tokens or max(2048, 0 if enable_chunked_prefill else max_len)
         eos = tuple(sorted(set(executor.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
@@ -73,6 +89,7 @@ class LLM:
                 max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_len, policy=policy,
                 enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,
             ),
+            parallel=parallel,
         )
         recorder = None
         if trace is not None:
@@ -84,6 +101,18 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the workers and free the model (idempotent)."""
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None:
+            executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -153,6 +182,12 @@ class LLM:
         if bar is not None:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _shutdown_at_exit(ref) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.shutdown()
 
 
 def _progress(total: int):

@@ -23,7 +23,7 @@ import torch
 from fnllm.device.attention import get_attn_backend, resolve_device
 from fnllm.device.batch import HostBatch, build_host_batch
 from fnllm.device.sampling import SampleRequest, sample
-from fnllm.model.loader import load_model, open_checkpoint, torch_dtype
+from fnllm.model.loader import Checkpoint, load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
 from fnllm.model.parallel import local_config
 from fnllm.state import BatchPlan, Executor, StepOutput
@@ -60,7 +60,8 @@ class ModelExecutor:
         shard=None,
         groups=None,
     ):
-        ckpt = open_checkpoint(model_path)  # validates before anything is allocated
+        # validates before anything is allocated (an already opened Checkpoint is taken as is)
+        ckpt = model_path if isinstance(model_path, Checkpoint) else open_checkpoint(model_path)
         self.config: DecoderConfig = ckpt.config
         self.model_path = ckpt.path
         self.gguf_path = ckpt.gguf_path

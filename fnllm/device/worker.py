@@ -66,9 +66,10 @@ class Worker:
         from fnllm.model.parallel import make_shard
 
         g = self.groups
-        shard = make_shard(open_checkpoint(self.model_path).config, g.tp_rank, self.tp, g.pp_rank, self.pp)
+        ckpt = open_checkpoint(self.model_path)
+        shard = make_shard(ckpt.config, g.tp_rank, self.tp, g.pp_rank, self.pp)
         self.executor = ModelExecutor(
-            self.model_path, dtype=self.dtype, device=g.device.type, num_blocks=self.num_blocks,
+            ckpt, dtype=self.dtype, device=g.device.type, num_blocks=self.num_blocks,
             block_size=self.block_size, seed=self.seed, attn_backend=self.attn_backend, shard=shard, groups=g,
         )
 

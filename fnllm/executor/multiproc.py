@@ -144,7 +144,7 @@ class MultiprocExecutor(DistributedExecutorBase):
 
     def _fail(self, message: str):
         self.dead = message
-        self.shutdown()
+        self.shutdown(timeout=1.0)  # the group is broken: little patience for a polite exit
         raise WorkerError(message)
 
     # -- lifecycle --------------------------------------------------------------------
