@@ -27,9 +27,14 @@ DEVICE_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 DEFAULT_TIMEOUT_S = float(os.environ.get("FNLLM_DIST_TIMEOUT", "600"))
 
 
+def _kind(device: str | torch.device) -> str:
+    # a string is read without torch.device(), which knows "npu" only once torch_npu is imported
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+
+
 def backend_for_device(device: str | torch.device) -> str:
     """The torch.distributed backend for a device type: hccl, nccl or gloo."""
-    kind = torch.device(device).type
+    kind = _kind(device)
     if kind not in DEVICE_BACKENDS:
         raise ValueError(f"no collective backend for device {kind!r} (known: {sorted(DEVICE_BACKENDS)})")
     return DEVICE_BACKENDS[kind]
@@ -38,7 +43,7 @@ def backend_for_device(device: str | torch.device) -> str:
 def device_for_rank(device: str | torch.device, local_rank: int) -> torch.device:
     """The device a rank computes on: its ``local_rank``-th accelerator on its node
     (made current), or the CPU."""
-    kind = torch.device(device).type
+    kind = _kind(device)
     if kind == "cpu":
         return torch.device("cpu")
     if kind == "npu":
@@ -111,9 +116,10 @@ def init_distributed(
     build the TP groups. Every rank creates every group, in the same order."""
     if tp_size * pp_size != world_size:
         raise ValueError(f"tp_size {tp_size} x pp_size {pp_size} != world_size {world_size}")
+    backend = backend_for_device(device)
     dev = device_for_rank(device, local_rank)
     dist.init_process_group(
-        backend=backend_for_device(dev), init_method=init_method, rank=rank, world_size=world_size,
+        backend=backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
     tp_group = None

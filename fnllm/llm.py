@@ -71,6 +71,12 @@ class LLM:
         CacheConfig(block_size=block_size, num_blocks=num_kv_blocks or 1)  # validate before loading anything
         parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                                   distributed_executor_backend=distributed_executor_backend)
+        if parallel.world_size > 1:  # a layout the model cannot take fails before anything is loaded
+            from fnllm.model.loader import load_config
+
+            c = load_config(path)
+            parallel.verify_with_model(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
+                                       intermediate_size=c.intermediate_size)
         self.tokenizer = load_tokenizer(path)
         executor = make_executor(
             path, parallel, dtype=dtype, device=device, num_blocks=num_kv_blocks,

@@ -11,6 +11,7 @@ import pytest
 
 from fnllm.llm import LLM
 from fnllm.state import SamplingParams
+from parallel_support import wait_gone
 
 QUESTIONS = ["What is the capital of France?", "Name a color.", "Say hello."]
 # prompts of 33-37 tokens take 5 blocks of 8: two fit in 10 blocks, and growing past 40 tokens preempts one
@@ -40,6 +41,7 @@ def run(llm: LLM, prompts) -> tuple[dict, int, bool]:
 @pytest.mark.slow
 def test_tp3_equals_tp1_with_chunks_and_preemption(smollm2_path):
     with LLM(str(smollm2_path), **SETTINGS) as llm:
+        assert type(llm.llm_engine.executor).__name__ == "UniProcExecutor"
         tok = llm.get_tokenizer()
         prompts = [{"prompt_token_ids": tok.apply_chat_template_ids([{"role": "user", "content": q}])} for q in QUESTIONS]
         want, chunks, preempted = run(llm, prompts)
@@ -48,6 +50,7 @@ def test_tp3_equals_tp1_with_chunks_and_preemption(smollm2_path):
         assert llm.llm_engine.executor.world_size == 3
         stats = llm.llm_engine.executor.worker_stats()
         got, chunks3, preempted3 = run(llm, prompts)
+    assert wait_gone([s["pid"] for s in stats]) == []  # the context manager stopped every worker
     assert got == want
     assert chunks3 == chunks and preempted3
     assert [s["kv_heads"] for s in stats] == [1, 1, 1] and [s["heads"] for s in stats] == [3, 3, 3]
