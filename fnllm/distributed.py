@@ -85,6 +85,7 @@ class ParallelGroups:
     pp_size: int
     tp_group: object | None  # a torch.distributed ProcessGroup (None when tp_size == 1)
     device: torch.device
+    control_group: object | None = None  # gloo over every rank, for plans and replies (multi-node mp)
 
     @property
     def tp_rank(self) -> int:
@@ -110,10 +111,11 @@ class ParallelGroups:
 
 def init_distributed(
     rank: int, world_size: int, init_method: str, *, tp_size: int, pp_size: int, device: str | torch.device = "cpu",
-    local_rank: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
+    local_rank: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S, control_group: bool = False,
 ) -> ParallelGroups:
     """Join the world (``init_method``: ``tcp://host:port`` or ``env://``) and
-    build the TP groups. Every rank creates every group, in the same order."""
+    build the TP groups (and, with ``control_group``, a gloo group over every
+    rank that carries pickled objects). Every rank creates every group, in the same order."""
     if tp_size * pp_size != world_size:
         raise ValueError(f"tp_size {tp_size} x pp_size {pp_size} != world_size {world_size}")
     backend = backend_for_device(device)
@@ -128,7 +130,8 @@ def init_distributed(
         group = dist.new_group(ranks) if tp_size > 1 else None
         if rank in ranks:
             tp_group = group
-    return ParallelGroups(rank, world_size, tp_size, pp_size, tp_group, dev)
+    ctrl = dist.new_group(list(range(world_size)), backend="gloo") if control_group else None
+    return ParallelGroups(rank, world_size, tp_size, pp_size, tp_group, dev, ctrl)
 
 
 def destroy_distributed() -> None:

@@ -37,12 +37,14 @@ class Worker:
         seed: int = 0,
         attn_backend: str | None = None,
         num_threads: int | None = None,
+        control_group: bool = False,
     ):
         self.rank, self.local_rank, self.init_method = rank, local_rank, distributed_init_method
         self.tp, self.pp = tensor_parallel_size, pipeline_parallel_size
         self.model_path, self.dtype, self.device = model, dtype, device
         self.num_blocks, self.block_size, self.seed, self.attn_backend = num_blocks, block_size, seed, attn_backend
         self.num_threads = num_threads
+        self.control_group = control_group
         self.groups = None
         self.executor = None
 
@@ -56,7 +58,7 @@ class Worker:
         device = resolve_device(self.device)
         self.groups = init_distributed(
             self.rank, self.tp * self.pp, self.init_method, tp_size=self.tp, pp_size=self.pp, device=device,
-            local_rank=self.local_rank,
+            local_rank=self.local_rank, control_group=self.control_group,
         )
 
     def load_model(self) -> None:
