@@ -100,7 +100,7 @@ class Worker:
         return {
             "rank": self.rank, "tp_rank": self.groups.tp_rank, "pp_rank": self.groups.pp_rank, "pid": os.getpid(),
             "layers": [s.layer_start, s.layer_end], "heads": s.num_heads, "kv_heads": s.num_kv_heads,
-            "param_bytes": params, "kv_bytes": kv, "comm": comm_stats(),
+            "param_bytes": params, "kv_bytes": kv, "comm": comm_stats(), "backend": type(ex.backend).__name__,
         }
 
     def reset_stats(self) -> None:

@@ -68,8 +68,12 @@ def test_each_rank_holds_its_shard(pools, tiny_pangu):
     ref = ModelExecutor(tiny_pangu[0], device="cpu", num_blocks=NUM_BLOCKS, block_size=BLOCK, attn_backend="torch")
     total_params = sum(p.numel() * p.element_size() for p in ref.model.parameters())
     total_kv = sum(c.numel() * c.element_size() for c in ref.kv_caches)
+    from fnllm.device import cpu_kernels
+
+    fused = cpu_kernels.load() is not None  # then every rank runs the fused kernels on its own heads
     for s in stats:
         assert s["kv_heads"] == 1 and s["heads"] == 2
+        assert s["backend"] == ("FusedCpuBackend" if fused else "TorchBackend")
         assert s["kv_bytes"] == total_kv // 2
         # everything is split but the norms and o's bias (replicated): a hair over half
         assert total_params / 2 <= s["param_bytes"] <= total_params / 2 * 1.02, (s["param_bytes"], total_params)
