@@ -30,6 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preemption-mode", default="recompute", choices=("recompute", "swap"))
     p.add_argument("--kv-offload-dir", default=None, help="directory of the persistent disk KV prefix cache")
     p.add_argument("--kv-offload-bytes", type=int, default=16 << 30, help="bound on the disk KV tier (bytes)")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks that split every layer")
+    p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages that split the layers")
+    p.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
+                   help="how workers run (default: uni for one rank, mp otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +130,14 @@ def _make_llm(args):
         enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
         swap_space=args.swap_space, preemption_mode=args.preemption_mode,
         kv_offload_dir=args.kv_offload_dir, kv_offload_bytes=args.kv_offload_bytes,
+        **_parallel_kwargs(args),
     )
+
+
+def _parallel_kwargs(args) -> dict:
+    """The LLM's parallel arguments from the model flags (shared by generate and serve)."""
+    return dict(tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                distributed_executor_backend=args.distributed_executor_backend)
 
 
 def _prompt_of(llm, text: str, chat: bool, system: str | None):
@@ -193,7 +204,11 @@ def _stream(llm, prompt, sp) -> int:
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give a prompt or --prompts-file (one of the two)")
-    llm = _make_llm(args)
+    with _make_llm(args) as llm:
+        return _generate(llm, args)
+
+
+def _generate(llm, args) -> int:
     if args.prompts_file:
         prompts, params = _read_prompts(llm, args)
     else:

@@ -13,6 +13,7 @@ POLICIES = ("fcfs", "priority")
 PREEMPTION_MODES = ("recompute", "swap")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "npu")
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 def _positive(name: str, value: int) -> None:
@@ -112,10 +113,61 @@ class ModelConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ParallelConfig:
+    """How one model is spread over devices (vLLM's names): ``tensor_parallel_size``
+    ranks split every layer, ``pipeline_parallel_size`` stages split the layers.
+    ``distributed_executor_backend`` None picks "uni" for a world size of 1 and
+    "mp" otherwise (:attr:`backend`)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        b = self.distributed_executor_backend
+        if b is not None and b not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS} (or None), got {b!r}")
+        if b == "uni" and self.world_size > 1:
+            raise ValueError(
+                f"distributed_executor_backend 'uni' runs one process; a world size of {self.world_size} "
+                "(tensor_parallel_size x pipeline_parallel_size) needs 'mp' or 'ray'"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def backend(self) -> str:
+        return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
+
+    def verify_with_model(self, *, num_heads: int, num_kv_heads: int, num_layers: int, intermediate_size: int) -> None:
+        """Raise ``ValueError`` when the model's shape cannot be split this way.
+        KV heads are replicated when ``tensor_parallel_size > num_kv_heads`` (as vLLM does)."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if num_heads % tp:
+            raise ValueError(f"the model's {num_heads} attention heads are not divisible by tensor_parallel_size {tp}")
+        if tp <= num_kv_heads and num_kv_heads % tp:
+            raise ValueError(f"the model's {num_kv_heads} KV heads are not divisible by tensor_parallel_size {tp}")
+        if tp > num_kv_heads and tp % num_kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size {tp} exceeds the model's {num_kv_heads} KV heads and is not a multiple "
+                "of them (each KV head must be replicated the same number of times)"
+            )
+        if intermediate_size % tp:
+            raise ValueError(f"the model's intermediate size {intermediate_size} is not divisible by tensor_parallel_size {tp}")
+        if num_layers < pp:
+            raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers (each stage needs one)")
+
+
+@attrs.frozen(kw_only=True)
 class EngineConfig:
     model: ModelConfig = attrs.field(factory=ModelConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
+    parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
 
     def __attrs_post_init__(self) -> None:
         if (

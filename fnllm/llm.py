@@ -10,15 +10,23 @@ swapped-out sequences under ``preemption_mode="swap"`` and, with prefix
 caching, cached blocks evicted from the device. Default: 4 GiB under swap
 preemption or with a disk tier, none otherwise. ``kv_offload_dir`` adds the
 disk tier (:mod:`fnllm.device.kv_disk`), bounded by ``kv_offload_bytes``.
+
+``tensor_parallel_size`` / ``pipeline_parallel_size`` spread the model over
+worker processes (``distributed_executor_backend``: "uni", "mp" or "ray";
+default "uni" for one rank, "mp" otherwise; see :mod:`fnllm.executor`); the
+KV memory is then per rank. ``LLM`` is a context manager, ``shutdown()``
+stops its workers, and an atexit hook does so at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import time
+import weakref
 from typing import Sequence
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from fnllm.engine import LLMEngine, PromptType
 from fnllm.outputs import RequestOutput
 from fnllm.state import SamplingParams
@@ -76,14 +84,20 @@ class LLM:
         preemption_mode: str = "recompute",
         kv_offload_dir: str | None = None,
         kv_offload_bytes: int = DEFAULT_KV_OFFLOAD_BYTES,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
     ) -> None:
-        from fnllm.device.executor import ModelExecutor
+        from fnllm.executor import make_executor
         from fnllm.model.loader import open_checkpoint
         from fnllm.tokenizer import load_tokenizer
 
         path = _model_path(model)
         swap_space = _tier_args(swap_space, preemption_mode, kv_offload_dir, kv_offload_bytes, enable_prefix_caching)
+        parallel = ParallelConfig(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                                  distributed_executor_backend=distributed_executor_backend)
         ckpt = open_checkpoint(path)  # the checkpoint's config and index, no weights yet
+        _check_layout(parallel, ckpt.config, swap_space, kv_offload_dir)
         self.tokenizer = load_tokenizer(path)
         config = _engine_config(
             ckpt.config, self.tokenizer, path=path, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
@@ -91,13 +105,16 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, policy=policy,
             long_prefill_token_threshold=long_prefill_token_threshold, max_logprobs=max_logprobs,
-            swap_space_bytes=int(swap_space * (1 << 30)), preemption_mode=preemption_mode,
+            swap_space_bytes=int(swap_space * (1 << 30)), preemption_mode=preemption_mode, parallel=parallel,
         )
-        # every setting is valid: only now load the weights and allocate the KV cache
-        executor = ModelExecutor(
-            path, dtype=dtype, device=device, num_blocks=config.cache.num_blocks, block_size=block_size, seed=seed,
-            attn_backend=attn_backend, checkpoint=ckpt, num_host_blocks=config.cache.num_host_blocks,
+        # every setting is valid: only now load the weights (in the workers, if any) and allocate the KV cache
+        one_rank = dict(checkpoint=ckpt, num_host_blocks=config.cache.num_host_blocks) if parallel.backend == "uni" else {}
+        executor = make_executor(
+            path, parallel, dtype=dtype, device=device, num_blocks=config.cache.num_blocks, block_size=block_size,
+            seed=seed, attn_backend=attn_backend, **one_rank,
         )
+        self._executor = executor
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
         recorder = None
         if trace is not None:
             from fnllm.trace import TraceWriter
@@ -116,6 +133,18 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the workers and free the model (idempotent)."""
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None:
+            executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -209,12 +238,13 @@ def _prompt_list(prompts) -> list:
 
 def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
                    block_size, enable_prefix_caching, enable_chunked_prefill, num_kv_blocks, kv_cache_memory, policy,
-                   long_prefill_token_threshold, max_logprobs, swap_space_bytes=0,
-                   preemption_mode="recompute") -> EngineConfig:
+                   long_prefill_token_threshold, max_logprobs, swap_space_bytes=0, preemption_mode="recompute",
+                   parallel: ParallelConfig | None = None) -> EngineConfig:
     """The engine config for checkpoint config ``dcfg``: every setting checked
     (``ValueError`` naming it) before any weight is loaded."""
     from fnllm.device.executor import num_blocks_for_memory
 
+    parallel = parallel or ParallelConfig()
     positions = dcfg.max_position_embeddings
     if max_model_len is not None and max_model_len > positions:
         raise ValueError(
@@ -222,17 +252,7 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
         )
     max_len = max_model_len or min(positions, 4096)
     CacheConfig(block_size=block_size)  # block_size first: the KV sizing below needs it
-    if num_kv_blocks is not None:
-        if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}")
-        num_blocks = num_kv_blocks
-    else:
-        memory = DEFAULT_KV_MEMORY if kv_cache_memory is None else kv_cache_memory
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {memory!r}")
-        num_blocks = num_blocks_for_memory(memory, dcfg, block_size, dtype)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={memory} bytes is smaller than one KV block of {block_size} tokens")
+    num_blocks = _kv_blocks(dcfg, parallel, block_size, dtype, num_kv_blocks, kv_cache_memory)
     num_host_blocks = num_blocks_for_memory(swap_space_bytes, dcfg, block_size, dtype)  # the swap_space tier
     budget = max_num_batched_tokens or max(2048, max_num_seqs, 0 if enable_chunked_prefill else max_len)
     eos = tuple(sorted(set(dcfg.eos_token_ids) | set(tokenizer.eos_token_ids)))
@@ -246,7 +266,47 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
             enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,
             preemption_mode=preemption_mode,
         ),
+        parallel=parallel,
     )
+
+
+def _check_layout(parallel: ParallelConfig, dcfg, swap_space: float, kv_offload_dir) -> None:
+    """A parallel layout the model cannot take fails before anything loads; the
+    host and disk KV tiers run on one rank only (the workers hold no host tier)."""
+    if parallel.world_size == 1:
+        return
+    parallel.verify_with_model(num_heads=dcfg.num_heads, num_kv_heads=dcfg.num_kv_heads, num_layers=dcfg.num_layers,
+                               intermediate_size=dcfg.intermediate_size)
+    if swap_space or kv_offload_dir is not None:
+        raise ValueError(
+            "swap_space, preemption_mode='swap' and kv_offload_dir need tensor_parallel_size=1 and "
+            "pipeline_parallel_size=1 (the host and disk KV tiers are not sharded across workers yet)"
+        )
+
+
+def _kv_blocks(dcfg, parallel: ParallelConfig, block_size: int, dtype: str, num_kv_blocks, kv_cache_memory) -> int:
+    """Device KV blocks: ``num_kv_blocks``, or as many as ``kv_cache_memory`` bytes hold on every rank."""
+    if num_kv_blocks is not None:
+        if isinstance(num_kv_blocks, bool) or not isinstance(num_kv_blocks, int) or num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be an integer >= 1, got {num_kv_blocks!r}")
+        return num_kv_blocks
+    from fnllm.executor.base import rank_kv_block_bytes
+    from fnllm.model.loader import torch_dtype
+
+    memory = DEFAULT_KV_MEMORY if kv_cache_memory is None else kv_cache_memory
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+        raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {memory!r}")
+    element = torch_dtype(dtype).itemsize
+    blocks = memory // rank_kv_block_bytes(dcfg, parallel, block_size, element)
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory={memory} bytes is smaller than one KV block of {block_size} tokens")
+    return blocks
+
+
+def _shutdown_at_exit(ref) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.shutdown()
 
 
 def _progress(total: int):

@@ -195,7 +195,7 @@ def what_if(
 
 def override_config(config: EngineConfig, overrides: dict) -> EngineConfig:
     """Apply ``section.field=value`` (or a bare field name found in one section)."""
-    sections = {"model": config.model, "cache": config.cache, "scheduler": config.scheduler}
+    sections = {"model": config.model, "cache": config.cache, "scheduler": config.scheduler, "parallel": config.parallel}
     for key, value in overrides.items():
         if "." in key:
             sec, field = key.split(".", 1)

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import attrs
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from fnllm.faults import repair_after_failure
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state, stage_blocks
 from fnllm.schedule import schedule
@@ -80,7 +80,8 @@ def config_to_json(config: EngineConfig) -> dict:
 
 def config_from_json(d: dict) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(**d["model"]), cache=CacheConfig(**d["cache"]), scheduler=SchedulerConfig(**d["scheduler"])
+        model=ModelConfig(**d["model"]), cache=CacheConfig(**d["cache"]), scheduler=SchedulerConfig(**d["scheduler"]),
+        parallel=ParallelConfig(**d.get("parallel", {})),
     )
 
 

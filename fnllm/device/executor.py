@@ -8,6 +8,12 @@ it out, and (with ``num_host_blocks``) a host tier of the same layout
 anything else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
 metadata, the forward (logits only for rows that sample), then sampling. It
 keeps no per-request state: everything a step needs is in its plan.
+
+As one rank of a parallel model (``shard`` and ``groups``, built by
+:class:`fnllm.device.worker.Worker`) it holds only its shard of the weights
+and of the KV cache (its KV heads, its layers); a later pipeline stage
+receives the hidden states from the one before, and only the output rank (TP
+rank 0 of the last stage) samples: the others' ``execute`` returns None.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from fnllm.device.attention import get_attn_backend, resolve_device
 from fnllm.device.batch import HostBatch, build_host_batch
 from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
 from fnllm.device.sampling import SampleRequest, sample
-from fnllm.model.loader import load_model, open_checkpoint, torch_dtype
+from fnllm.model.loader import Checkpoint, load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
+from fnllm.model.parallel import local_config
 from fnllm.state import BatchPlan, Executor, StepOutput
 
 __all__ = ["Executor", "ModelExecutor", "num_blocks_for_memory"]
@@ -56,8 +63,13 @@ class ModelExecutor:
         checkpoint=None,
         num_host_blocks: int | None = None,
         swap_space_bytes: int = 0,
+        shard=None,
+        groups=None,
     ):
-        # validates before anything is allocated (``checkpoint``: already opened by the caller)
+        # validates before anything is allocated (``checkpoint``, or a Checkpoint as
+        # ``model_path``: already opened by the caller)
+        if checkpoint is None and isinstance(model_path, Checkpoint):
+            checkpoint = model_path
         ckpt = checkpoint if checkpoint is not None else open_checkpoint(model_path)
         self.config: DecoderConfig = ckpt.config
         self.model_path = ckpt.path
@@ -72,15 +84,19 @@ class ModelExecutor:
         if num_blocks < 1:
             raise ValueError(f"KV cache memory holds no block of {block_size} tokens (num_blocks={num_blocks})")
         self.num_blocks = num_blocks
-        self.backend = get_attn_backend(self.device, attn_backend, cfg=self.config, block_size=block_size, dtype=self.dtype)
-        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device)
+        self.shard, self.groups = shard, groups
+        if groups is not None:
+            self.device = groups.device
+        local = local_config(self.config, shard) if shard is not None else self.config  # the rank's heads, layers
+        self.backend = get_attn_backend(self.device, attn_backend, cfg=local, block_size=block_size, dtype=self.dtype)
+        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups)
         if self.backend.packs_linears:
             self.model.repack_linears(self.backend.pack_weight)
-        shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.config.num_layers)]
+        shape = (2, num_blocks, block_size, local.num_kv_heads, local.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(local.num_layers)]
         if num_host_blocks is None:
             element = torch.empty((), dtype=self.dtype).element_size()
-            num_host_blocks = host_blocks_for_memory(swap_space_bytes, self.config.kv_block_bytes(block_size, element))
+            num_host_blocks = host_blocks_for_memory(swap_space_bytes, local.kv_block_bytes(block_size, element))
         self.num_host_blocks = num_host_blocks
         self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
 
@@ -138,27 +154,42 @@ class ModelExecutor:
                                 max_positions=self.max_position_embeddings)
 
     @torch.inference_mode()
-    def forward(self, batch: HostBatch) -> torch.Tensor:
-        """The logits ``[len(batch.sample_rows), vocab]``, in the model's dtype."""
+    def forward(self, batch: HostBatch) -> torch.Tensor | None:
+        """The logits ``[len(batch.sample_rows), vocab]``, in the model's dtype
+        (None on a rank that does not sample)."""
         meta = self.backend.prepare(batch, self.model.cos_sin_cache)
         input_ids = torch.from_numpy(batch.input_ids).to(self.device)
         logits_indices = torch.from_numpy(batch.logits_indices).to(self.device)
-        return self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices)
+        if self.shard is None:
+            return self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices)
+        from fnllm.distributed import pp_recv, pp_send
 
-    def compute_logits(self, plan: BatchPlan) -> torch.Tensor:
+        hidden = None
+        if not self.shard.is_first:
+            hidden = pp_recv((batch.num_tokens, self.config.hidden_size), self.dtype, 2, self.groups)
+        out = self.model(input_ids, self.kv_caches, meta, self.backend, logits_indices, hidden)
+        if not self.shard.is_last:
+            pp_send(list(out), self.groups)
+            return None
+        return out
+
+    def compute_logits(self, plan: BatchPlan) -> torch.Tensor | None:
         """Run ``plan`` (copies and KV writes included) and return the logits of
         its sampling rows, in row order (float32), without sampling."""
         self.move_blocks(plan)
         if not len(plan):
             return torch.empty((0, self.vocab_size))
-        return self.forward(self._host_batch(plan)).float()
+        logits = self.forward(self._host_batch(plan))
+        return None if logits is None else logits.float()
 
-    def execute(self, plan: BatchPlan) -> StepOutput:
+    def execute(self, plan: BatchPlan) -> StepOutput | None:
         self.move_blocks(plan)
         if not len(plan):
             return StepOutput(sampled=())
         batch = self._host_batch(plan)
         logits = self.forward(batch)
+        if logits is None:
+            return None
         rows = batch.sample_rows.tolist()
         reqs = [
             SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i],

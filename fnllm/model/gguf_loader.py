@@ -6,6 +6,9 @@ the rows of q and k for Llama (each head's rows ``[2, head_dim/2]`` become
 interleaved pairs ``[head_dim/2, 2]``); reading undoes it: view each head's
 rows as ``[head_dim/2, 2]`` and swap the two axes back. Quantized tensors (Q4_1, Q8_0, ...)
 are dequantized to float32 with ``gguf.quants.dequantize``, one at a time.
+A shard reads a row range (the quantized rows themselves, then dequantized)
+or a column range (whole quantization blocks when the range is aligned to
+them, else the dequantized tensor's columns).
 """
 
 from __future__ import annotations
@@ -96,6 +99,27 @@ def _reader_fn(tensor, perm_heads: int | None):
     return read
 
 
+def _slice_reader_fn(tensor, perm_heads: int | None):
+    def read(dim: int, lo: int, hi: int) -> torch.Tensor:
+        from gguf import GGML_QUANT_SIZES, quants
+
+        data, qtype = tensor.data, tensor.tensor_type
+        block, size = GGML_QUANT_SIZES[qtype]
+        if dim == 0:
+            w = quants.dequantize(data[lo:hi], qtype)
+            if perm_heads:  # slices are head-aligned: unpermute the heads they hold
+                w = unpermute_qk(w, (hi - lo) // (data.shape[0] // perm_heads))
+        elif block == 1:
+            w = quants.dequantize(data[:, lo:hi], qtype)
+        elif lo % block == 0 and hi % block == 0:
+            w = quants.dequantize(data[:, lo // block * size : hi // block * size], qtype)
+        else:
+            w = quants.dequantize(data, qtype)[:, lo:hi]
+        return torch.from_numpy(np.require(w, dtype=np.float32, requirements=["C", "W"]))
+
+    return read
+
+
 def open_gguf(path: Path) -> Checkpoint:
     import gguf
 
@@ -115,5 +139,5 @@ def open_gguf(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: truncated GGUF file (tensor {t.name!r} ends past the file)")
         perm = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads if ".attn_k." in t.name else None
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        tensors[name] = TensorRef(str(path), shape, _reader_fn(t, perm))
+        tensors[name] = TensorRef(str(path), shape, _reader_fn(t, perm), _slice_reader_fn(t, perm))
     return Checkpoint(str(path), cfg, tensors, gguf_path=str(path))

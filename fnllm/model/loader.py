@@ -6,7 +6,9 @@ missing, none unexpected, none in two shards) and their shapes. A malformed
 checkpoint raises :class:`CheckpointError` (a ``ValueError``) naming the file
 and the tensor or key. Then the model is allocated uninitialised and filled
 tensor by tensor (``safe_open``), so no second full copy of the weights is
-ever held.
+ever held. A sharded model (tensor / pipeline parallel) reads only its
+rank's range of each tensor (``TensorRef.read_slice``: safetensors
+``get_slice``, GGUF row or column ranges).
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ class TensorRef:
     file: str
     shape: tuple[int, ...]
     read: Callable[[], torch.Tensor]
+    slice_reader: Callable[[int, int, int], torch.Tensor] | None = None
+
+    def read_slice(self, dim: int, lo: int, hi: int) -> torch.Tensor:
+        """Elements ``lo:hi`` along ``dim`` (0: rows, 1: columns), reading no more than the format needs."""
+        if self.slice_reader is not None:
+            return self.slice_reader(dim, lo, hi)
+        return self.read().narrow(dim, lo, hi - lo)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,17 @@ def _reader(path: Path, name: str) -> Callable[[], torch.Tensor]:
     return read
 
 
+def _slice_reader(path: Path, name: str) -> Callable[[int, int, int], torch.Tensor]:
+    def read(dim: int, lo: int, hi: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            part = f.get_slice(name)
+            return part[lo:hi] if dim == 0 else part[:, lo:hi]
+
+    return read
+
+
 def _shard_files(root: Path) -> list[Path]:
     index = root / INDEX_NAME
     if index.is_file():
@@ -120,7 +140,7 @@ def _hf_tensors(root: Path) -> dict[str, TensorRef]:
         for name, entry in read_safetensors_header(path).items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in two shards: {tensors[name].file} and {path}")
-            tensors[name] = TensorRef(str(path), tuple(entry["shape"]), _reader(path, name))
+            tensors[name] = TensorRef(str(path), tuple(entry["shape"]), _reader(path, name), _slice_reader(path, name))
     index = root / INDEX_NAME
     if index.is_file():
         for name, file in json.loads(index.read_text())["weight_map"].items():
@@ -203,13 +223,14 @@ def validate(ckpt: Checkpoint) -> None:
             raise CheckpointError(f"{ckpt.path}: missing tensor {name!r}")
 
 
-def load_model(path_or_ckpt, dtype="float32", device="cpu"):
-    """Validate, allocate, fill: returns ``(model, checkpoint)``."""
+def load_model(path_or_ckpt, dtype="float32", device="cpu", shard=None, groups=None):
+    """Validate, allocate, fill: returns ``(model, checkpoint)``. With a
+    :class:`~fnllm.model.parallel.ShardSpec`, only that rank's part."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else open_checkpoint(path_or_ckpt)
     cls = MODEL_CLASSES[ckpt.config.architecture]
-    model = cls(ckpt.config, dtype=torch_dtype(dtype), device=device)
+    model = cls(ckpt.config, dtype=torch_dtype(dtype), device=device, shard=shard, groups=groups)
     expected = expected_tensors(ckpt.config)
     for name, ref in ckpt.tensors.items():
         if name in expected:
-            model.load_tensor(name, ref.read())
+            model.load_ref(name, ref)
     return model.eval(), ckpt

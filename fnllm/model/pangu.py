@@ -11,6 +11,12 @@ and attention op goes through ``ops`` (an attention backend), which owns the
 paged KV layout and may repack the projection weights for its device
 (:meth:`PanguEmbeddedForCausalLM.repack_linears`; then ``load_tensor`` no
 longer applies). Logits are computed only for the ``logits_indices`` rows.
+
+Sharded (``shard``, :mod:`fnllm.model.parallel`): the model holds only its
+rank's heads, MLP columns, vocabulary rows and pipeline layers (``cfg`` is
+then the rank's local shape, ``full_cfg`` the checkpoint's); o and down end
+with an all-reduce over the TP group, the embedding and lm_head are
+vocab-parallel. Without a shard nothing of that runs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fnllm.model.model_config import DecoderConfig
+from fnllm.model.parallel import (
+    ShardSpec, gather_vocab_logits, local_config, row_parallel_reduce, source_slice, vocab_parallel_embedding,
+)
 
 
 def expected_tensors(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -56,8 +65,9 @@ def _param(*shape: int, dtype, device) -> nn.Parameter:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, dtype, device):
+    def __init__(self, cfg: DecoderConfig, dtype, device, tp_groups=None):
         super().__init__()
+        self.tp = tp_groups  # the TP groups when the layer is split over several ranks
         h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
         kw = dict(dtype=dtype, device=device)
         self.qkv_weight = _param(q + 2 * kv, h, **kw)
@@ -79,11 +89,15 @@ class DecoderLayer(nn.Module):
         qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = ops.rope_qkv(qkv, meta)
         attn = ops.attention(q, k, v, kv_cache, meta)
-        x = ops.linear(attn, self.o_weight, self.o_bias)
+        if self.tp is None:
+            x = ops.linear(attn, self.o_weight, self.o_bias)
+        else:  # row-parallel: partial sums, one all-reduce, the bias once
+            x = row_parallel_reduce(ops.linear(attn, self.o_weight), self.o_bias, self.tp)
         x, residual = ops.add_rms_norm(x, residual, self.post_norm, cfg.rms_norm_eps)
         gate_up = ops.linear(x, self.gate_up_weight)
         x = ops.silu_mul(gate_up)
-        return ops.linear(x, self.down_weight), residual
+        x = ops.linear(x, self.down_weight)
+        return (x if self.tp is None else row_parallel_reduce(x, None, self.tp)), residual
 
     LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
@@ -91,14 +105,28 @@ class DecoderLayer(nn.Module):
 class PanguEmbeddedForCausalLM(nn.Module):
     """The decoder; also serves ``LlamaForCausalLM`` checkpoints."""
 
-    def __init__(self, cfg: DecoderConfig, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg: DecoderConfig, dtype=torch.float32, device="cpu", shard: ShardSpec | None = None,
+                 groups=None):
         super().__init__()
-        self.cfg = cfg
+        self.full_cfg, self.shard, self.groups = cfg, shard, groups
+        cfg = self.cfg = local_config(cfg, shard) if shard is not None else cfg
+        tp = groups if shard is not None and shard.tp_size > 1 else None
+        self.tp = tp
+        first, last = shard is None or shard.is_first, shard is None or shard.is_last
         kw = dict(dtype=dtype, device=device)
-        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
-        self.norm = _param(cfg.hidden_size, **kw)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, **kw)
+        embed = first or (cfg.tie_word_embeddings and last)
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, **kw) if embed else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device, tp) for _ in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size, **kw) if last else None
+        self.lm_head = None
+        if last:
+            tied = cfg.tie_word_embeddings
+            self.lm_head = self.embed_tokens if tied else _param(cfg.vocab_size, cfg.hidden_size, **kw)
+        if shard is not None and shard.vocab_start + shard.vocab_shard > shard.vocab_size:
+            with torch.no_grad():  # the last vocab shard's padding rows: zeros, never read as tokens
+                for p in (self.embed_tokens, self.lm_head):
+                    if p is not None:
+                        p[shard.vocab_size - shard.vocab_start:].zero_()
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(cfg, device), persistent=False)
 
     # -- weights -----------------------------------------------------------------
@@ -107,13 +135,13 @@ class PanguEmbeddedForCausalLM(nn.Module):
         """The parameter slice a Hugging Face tensor name loads into."""
         cfg = self.cfg
         if name == "model.embed_tokens.weight":
-            return self.embed_tokens
+            return self.embed_tokens if self.embed_tokens is not None else self.lm_head
         if name == "model.norm.weight":
             return self.norm
         if name == "lm_head.weight":
             return self.lm_head
         parts = name.split(".")  # model.layers.N.<module>.<proj>.<kind>
-        layer = self.layers[int(parts[2])]
+        layer = self.layers[int(parts[2]) - (self.shard.layer_start if self.shard is not None else 0)]
         module, kind = ".".join(parts[3:-1]), parts[-1]
         q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
         qkv_rows = {"self_attn.q_proj": (0, q), "self_attn.k_proj": (q, q + kv), "self_attn.v_proj": (q + kv, q + 2 * kv)}
@@ -133,22 +161,46 @@ class PanguEmbeddedForCausalLM(nn.Module):
         """Copy one checkpoint tensor (any float dtype) into its place."""
         self._target(name).copy_(tensor)
 
+    @torch.no_grad()
+    def load_ref(self, name: str, ref) -> None:
+        """Load checkpoint tensor ``name`` from a :class:`~fnllm.model.loader.TensorRef`,
+        reading only the range this rank holds (nothing when it holds none)."""
+        if self.shard is None:
+            return self.load_tensor(name, ref.read())
+        part = source_slice(self.full_cfg, self.shard, name)
+        if part is None:
+            return None
+        if part.dim is None:
+            return self.load_tensor(name, ref.read())
+        self._target(name).narrow(part.dim, 0, part.hi - part.lo).copy_(ref.read_slice(part.dim, part.lo, part.hi))
+
     # -- forward -----------------------------------------------------------------
 
-    def forward(self, input_ids, kv_caches, meta, ops, logits_indices) -> torch.Tensor:
+    def forward(self, input_ids, kv_caches, meta, ops, logits_indices, hidden=None):
         """Run ``T`` tokens; return logits ``[len(logits_indices), vocab]``
         for the selected token rows, in the model's dtype (sampling converts
-        only the rows that need it: a greedy argmax is the same either way)."""
-        x = F.embedding(input_ids, self.embed_tokens)
-        residual = None
+        only the rows that need it: a greedy argmax is the same either way).
+
+        Pipeline stages: a later stage takes ``hidden = (x, residual)`` from the
+        one before instead of embedding; a stage before the last returns its
+        ``(x, residual)``. Under TP only TP rank 0 gets the logits (None elsewhere)."""
+        if hidden is not None:
+            x, residual = hidden
+        else:
+            x = F.embedding(input_ids, self.embed_tokens) if self.tp is None else \
+                vocab_parallel_embedding(input_ids, self.embed_tokens, self.shard, self.tp)
+            residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, kv_cache, meta, ops)
+        if self.norm is None:
+            return x, residual
         if logits_indices is None or logits_indices.numel() == 0:
-            return x.new_empty((0, self.cfg.vocab_size))
+            return x.new_empty((0, self.full_cfg.vocab_size))
         x = x.index_select(0, logits_indices)
         residual = residual.index_select(0, logits_indices)
         x, _ = ops.add_rms_norm(x, residual, self.norm, self.cfg.rms_norm_eps)
-        return ops.linear(x, self.lm_head)
+        logits = ops.linear(x, self.lm_head)
+        return logits if self.tp is None else gather_vocab_logits(logits, self.shard, self.tp)
 
     @torch.no_grad()
     def repack_linears(self, pack) -> None:
@@ -158,7 +210,8 @@ class PanguEmbeddedForCausalLM(nn.Module):
         for layer in self.layers:
             for name in DecoderLayer.LINEARS:
                 setattr(layer, name, nn.Parameter(pack(getattr(layer, name)), requires_grad=False))
-        self.lm_head = nn.Parameter(pack(self.lm_head), requires_grad=False)
+        if self.lm_head is not None:
+            self.lm_head = nn.Parameter(pack(self.lm_head), requires_grad=False)
 
 
 LlamaForCausalLM = PanguEmbeddedForCausalLM
