@@ -140,7 +140,9 @@ class LLMEngine:
     the others carry on from the next step. A failed step counts towards
     ``max_consecutive_failures`` unless some sub-plan ran (the device works)
     and a culprit was found; at that count (a dead device) ``step`` raises
-    :class:`~fnllm.errors.EngineDeadError`, and so does every later call.
+    :class:`~fnllm.errors.EngineDeadError`, and so does every later call. An
+    executor that raises ``EngineDeadError`` itself (a dead worker) ends the
+    engine at once, without retry or isolation.
     """
 
     def __init__(
@@ -282,25 +284,31 @@ class LLMEngine:
         for _ in range(2 if rerunnable(plan) else 1):
             try:
                 return self._run_plan(plan), None
-            except Exception as e:  # noqa: BLE001 - any device failure is isolated below
+            except EngineDeadError as e:  # the executor can never run again (e.g. a dead worker)
+                self._fail_hard(before, plan, e)
+            except Exception as e:  # noqa: BLE001 - any other device failure is isolated below
                 error = e
-            except BaseException:
-                self.state = repair_after_failure(before, plan, self.config)
-                if self.recorder is not None:
-                    self.recorder.fault(plan, [])
-                raise
+            except BaseException as e:
+                self._fail_hard(before, plan, e)
         return None, error
+
+    def _fail_hard(self, before: EngineState, plan: BatchPlan, exc: BaseException) -> None:
+        """An interrupt, or an executor that reports it is dead: the state as
+        before the step (repaired), then ``exc`` propagates."""
+        self.state = repair_after_failure(before, plan, self.config)
+        if self.recorder is not None:
+            self.recorder.fault(plan, [])
+        if isinstance(exc, EngineDeadError):
+            self.dead = exc
+        raise exc
 
     def _recover(self, before: EngineState, plan: BatchPlan, error: Exception) -> list[RequestOutput]:
         """After a plan failed twice: repair the state, isolate poison requests."""
         state = repair_after_failure(before, plan, self.config)
         try:
             blamed, healthy = self._find_culprits(plan, error) if rerunnable(plan) else ({}, False)
-        except BaseException:  # an interrupt while probing: keep the repaired state
-            self.state = state
-            if self.recorder is not None:
-                self.recorder.fault(plan, [])
-            raise
+        except BaseException as e:  # an interrupt, or the executor dying, while probing
+            self._fail_hard(before, plan, e)
         for rid in blamed:
             state = abort_request(state, rid)
         # the count resets only when a sub-plan ran (the device works) and culprits were found
@@ -329,6 +337,8 @@ class LLMEngine:
             keep = set(group)
             try:
                 self._run_plan(plan_subset(plan, [i for i, r in enumerate(plan.request_ids) if r in keep]))
+            except EngineDeadError:
+                raise
             except Exception as e:  # noqa: BLE001
                 return e
             healthy = True

@@ -12,7 +12,9 @@ class EngineDeadError(RuntimeError):
     with no culprit request to isolate (a dead device, a broken worker).
 
     Raised by ``LLMEngine.step`` after ``max_consecutive_failures`` failed
-    steps in a row; ``__cause__`` is the last executor exception. Every live
+    steps in a row (``__cause__`` is the last executor exception), or at once
+    when the executor raises it itself (``fnllm.executor.WorkerError``: a
+    worker died or hung). Every live
     request stays in the state (no block is lost); a server should end them
     all with an error and stop.
     """

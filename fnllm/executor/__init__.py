@@ -13,6 +13,6 @@ comes back. :func:`make_executor` picks one from a ``ParallelConfig``.
 
 from __future__ import annotations
 
-from fnllm.executor.base import WorkerError, make_executor
+from fnllm.executor.base import WorkerError, WorkerStepError, make_executor
 
-__all__ = ["WorkerError", "make_executor"]
+__all__ = ["WorkerError", "WorkerStepError", "make_executor"]

@@ -14,14 +14,21 @@ import os
 from typing import Any
 
 from fnllm.config import ParallelConfig
+from fnllm.errors import EngineDeadError
 from fnllm.state import BatchPlan, StepOutput
 
 DEFAULT_STEP_TIMEOUT_S = float(os.environ.get("FNLLM_WORKER_TIMEOUT", "120"))
 DEFAULT_START_TIMEOUT_S = float(os.environ.get("FNLLM_WORKER_START_TIMEOUT", "600"))
 
 
-class WorkerError(RuntimeError):
-    """A worker failed, died or stopped answering; the message names the rank."""
+class WorkerError(EngineDeadError):
+    """A worker died or stopped answering; the message names the rank. The
+    executor cannot run again, so it is the engine's death (no retry)."""
+
+
+class WorkerStepError(RuntimeError):
+    """Every worker answered but a step raised on some rank (the message names
+    it): the workers live, so the engine may retry and isolate the request."""
 
 
 def rank_kv_block_bytes(cfg, parallel: ParallelConfig, block_size: int, element_size: int) -> int:

@@ -31,7 +31,7 @@ import traceback
 from multiprocessing.connection import wait
 
 from fnllm.config import ParallelConfig
-from fnllm.executor.base import DEFAULT_START_TIMEOUT_S, DistributedExecutorBase, WorkerError
+from fnllm.executor.base import DEFAULT_START_TIMEOUT_S, DistributedExecutorBase, WorkerError, WorkerStepError
 
 ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to answer
 
@@ -203,7 +203,7 @@ class MultiprocExecutor(DistributedExecutorBase):
         if errors:
             if what == "start":
                 self._fail(self._errors_text(errors))
-            raise WorkerError(self._errors_text(errors))
+            raise WorkerStepError(self._errors_text(errors))
         return results
 
     @staticmethod

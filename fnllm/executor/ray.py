@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from fnllm.config import ParallelConfig
-from fnllm.executor.base import DEFAULT_START_TIMEOUT_S, DistributedExecutorBase, WorkerError
+from fnllm.executor.base import DEFAULT_START_TIMEOUT_S, DistributedExecutorBase, WorkerError, WorkerStepError
 
 RAY_OBJECT_STORE_BYTES = 256 << 20
 ERROR_GRACE_S = 10.0  # after one rank fails, how long the others get to answer
@@ -172,7 +172,7 @@ class RayDistributedExecutor(DistributedExecutorBase):
             message = f"worker rank {min(errors)} failed: {errors[min(errors)]}"
             if what == "start":
                 self._fail(message)
-            raise WorkerError(message)
+            raise WorkerStepError(message)
         return results
 
     def _fail(self, message: str):
