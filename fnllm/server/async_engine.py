@@ -289,14 +289,16 @@ class AsyncLLMEngine:
             self.dead_error = err
             ops, self._ops = self._ops, []
             self._ids.clear()
-        for op in ops:  # adds that will never be applied
-            if op[0] == "add":
-                op[1].put(err)
-        for live in self._live.values():
-            live.put(err)
-        self._live.clear()
-        if self.on_dead is not None:
-            self.on_dead(err)
+        try:
+            if self.on_dead is not None:  # first: whoever sees the error can rely on it having run
+                self.on_dead(err)
+        finally:
+            for op in ops:  # adds that will never be applied
+                if op[0] == "add":
+                    op[1].put(err)
+            for live in self._live.values():
+                live.put(err)
+            self._live.clear()
 
 
 class RequestStream:
