@@ -15,7 +15,7 @@ daemonic, so a driver that exits normally takes them with it. No orphans.
 
 Several nodes (torchrun-style: ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``): node 0 runs the driver and ranks ``0..world/nnodes-1``;
-every other node runs ``python -m fnllm.executor.multiproc`` (headless, the
+every other node runs ``python -m fnllm.headless`` (headless, the
 same model arguments), which starts its own ranks. Rank 0 then relays each
 call to every rank with ``broadcast_object_list`` and gathers their answers
 with ``gather_object`` over a gloo group, and answers the driver for all of
@@ -243,39 +243,3 @@ class MultiprocExecutor(DistributedExecutorBase):
         for conn in conns:
             conn.close()
         self.procs, self.conns = [], []
-
-
-def main(argv: list[str] | None = None) -> int:
-    """A headless node of a multi-node mp deployment: start this node's ranks and wait.
-
-    Run with the same model arguments as the driver's node and the torchrun-style
-    environment (``NNODES``, ``NODE_RANK`` >= 1, ``MASTER_ADDR``, ``MASTER_PORT``)."""
-    import argparse
-    import signal
-
-    from fnllm.cli import _add_model_args
-
-    ap = argparse.ArgumentParser(prog="python -m fnllm.executor.multiproc", description=main.__doc__.split("\n")[0])
-    _add_model_args(ap)
-    ap.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes per rank (as LLM's default)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if int(os.environ.get("NODE_RANK", "0")) < 1:
-        ap.error("a headless node needs NODE_RANK >= 1 (node 0 runs the driver)")
-    parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size,
-                              pipeline_parallel_size=args.pipeline_parallel_size, distributed_executor_backend="mp")
-    from fnllm.llm import _model_path
-
-    ex = MultiprocExecutor(_model_path(args.model), parallel, dtype=args.dtype, device=args.device,
-                           num_blocks=args.num_kv_blocks, kv_cache_bytes=args.kv_cache_memory,
-                           block_size=args.block_size, seed=args.seed)
-    signal.signal(signal.SIGTERM, lambda *_: ex.shutdown())
-    print(f"fnllm: node {ex.node_rank} serving ranks {[p.name for p in ex.procs]}", flush=True)
-    for p in ex.procs:  # until the driver's shutdown reaches them
-        p.join()
-    ex.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

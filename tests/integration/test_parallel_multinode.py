@@ -1,5 +1,5 @@
 """Multi-node mp, both "nodes" on this host: node 1 is the headless launcher
-(``python -m fnllm.executor.multiproc`` with NNODES=2, NODE_RANK=1 and the
+(``python -m fnllm.headless`` with NNODES=2, NODE_RANK=1 and the
 same model arguments), node 0 the driver. TP=2 spans the two nodes: rank 0
 relays each plan to rank 1 over torch.distributed and answers for both. The
 logits equal TP=1's; shutting the driver down ends the other node too."""
@@ -27,7 +27,7 @@ def test_two_nodes_tp2(tiny_pangu, monkeypatch):
     path = str(tiny_pangu[0])
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(get_open_port()), "NNODES": "2"}
     node1 = subprocess.Popen(
-        [sys.executable, "-m", "fnllm.executor.multiproc", "--model", path, "--device", "cpu", "-tp", "2",
+        [sys.executable, "-m", "fnllm.headless", "--model", path, "--device", "cpu", "-tp", "2",
          "--num-kv-blocks", str(NUM_BLOCKS), "--block-size", str(BLOCK)],
         cwd=REPO, env={**__import__("os").environ, **env, "NODE_RANK": "1", "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
