@@ -435,10 +435,12 @@ def allocate_offloading(pool: BlockPool, n: int) -> tuple[BlockPool, tuple[int, 
     return None if got is None else (e.finish(), tuple(got), tuple(e.swaps_out))
 
 
-def acquire_from_host(pool: BlockPool, hashes: Sequence[bytes]) -> tuple[BlockPool, tuple[int, ...], tuple] | None:
+def acquire_from_host(pool: BlockPool, hashes: Sequence[bytes]) -> tuple[BlockPool, tuple[int, ...], tuple, tuple] | None:
     """The longest prefix of ``hashes`` cached in the host tier, moved into
     new device blocks that take over the hashes: the new pool, the device
-    blocks and the (host, device) moves; None when nothing is found or the
+    blocks, the (device, host) offloads of cached device blocks that the
+    allocation evicted, and the (host, device) moves, run in that order (as
+    a plan's swap_out before its swap_in); None when nothing is found or the
     device lacks room."""
     e = PoolEdit(pool, offload=True)
     hits = e.lookup_host(hashes)
@@ -448,4 +450,4 @@ def acquire_from_host(pool: BlockPool, hashes: Sequence[bytes]) -> tuple[BlockPo
         e.host.incref(h)
     fresh = e.allocate(len(hits))
     e.move_host_hits(hits, fresh, hashes)
-    return e.finish(), tuple(fresh), tuple(e.swaps_in)
+    return e.finish(), tuple(fresh), tuple(e.swaps_out), tuple(e.swaps_in)

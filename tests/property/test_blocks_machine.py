@@ -149,7 +149,8 @@ class PoolMachine(RuleBasedStateMachine):
         if got is None:
             return
         self.pool = blocks.acquire(self.pool, dev)
-        self.pool, table, moves = got
+        self.pool, table, offloads, moves = got
+        self._move_out(offloads)  # evicted cached blocks go to the host first, as a plan's swap_out
         self._move_in(moves)
         for h, _ in moves:
             self.host.pop(h, None)

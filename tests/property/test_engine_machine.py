@@ -195,7 +195,10 @@ class EngineMachine(RuleBasedStateMachine):
         for _ in range(20 * sum(len(p) + sp.max_tokens * sp.n for p, sp in self.added.values()) + 50):
             if not self.engine.has_unfinished_requests():
                 break
-            self._collect(self.engine.step())
+            self._step()
+            if self.engine.dead is not None:  # K plans of poison requests alone (checked in _step)
+                self._teardown_dead()
+                return
         assert not self.engine.has_unfinished_requests(), "the engine did not drain"
         assert set(self.finals) == set(self.added), "a request never ended"
         for rid, out in self.finals.items():
