@@ -27,8 +27,8 @@ import attrs
 
 from fnllm.blocks import PoolEdit
 from fnllm.config import EngineConfig
-from fnllm.lifecycle import insert_waiting
-from fnllm.state import COLUMNS, BatchPlan, EngineState, Running, Seq, SeqStatus
+from fnllm.lifecycle import remove_rows, insert_waiting
+from fnllm.state import BatchPlan, EngineState, Seq, SeqStatus
 
 
 def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
@@ -95,22 +95,20 @@ def repair_after_failure(state: EngineState, plan: BatchPlan, config: EngineConf
         return state
     victims = set(_clobbered_rows(state, low, bs))
     run, edit = state.running, PoolEdit(state.pool)
-    preempted = []
-    for i in sorted(victims):
-        edit.free_table(run.tables[i])
-        preempted.append(
-            Seq(
-                seq_id=run.seq_ids[i], request_id=run.request_ids[i], index=run.indexes[i],
-                status=SeqStatus.PREEMPTED, output=run.outputs[i], num_output=run.num_output[i],
-                hashes=run.hashes[i],
-            )
+    preempted = [
+        Seq(
+            seq_id=run.seq_ids[i], request_id=run.request_ids[i], index=run.indexes[i],
+            status=SeqStatus.PREEMPTED, output=run.outputs[i], num_output=run.num_output[i], hashes=run.hashes[i],
         )
+        for i in sorted(victims)
+    ]
+    running, tables = remove_rows(state, [i not in victims for i in range(len(run))])
+    for table in tables:
+        edit.free_table(table)
     for b in sorted(low):
         edit.uncache(b)
     if plan.swap_out:  # host blocks the plan wrote: a host-cached one there can no longer be trusted
         for h in sorted({h for _, h in plan.swap_out}):
             edit.host.uncache(h)
-    keep = [i not in victims for i in range(len(run))]
-    running = Running(*(tuple(v for v, k in zip(getattr(run, c), keep) if k) for c in COLUMNS))
     waiting = insert_waiting(state.requests, state.waiting, preempted, config.scheduler.policy)
     return attrs.evolve(state, pool=edit.finish(), running=running, waiting=waiting)

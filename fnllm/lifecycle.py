@@ -51,11 +51,7 @@ def insert_waiting(state_requests, waiting: tuple[Seq, ...], seqs: list[Seq], po
         return waiting + (seqs[0],)  # the usual add: one tuple copy, no search
     out = list(waiting)
     for seq in sorted(seqs, key=key):
-        k = key(seq)
-        if not out or key(out[-1]) <= k:
-            out.append(seq)
-        else:
-            out.insert(bisect_right(out, k, key=key), seq)
+        out.insert(bisect_right(out, key(seq), key=key), seq)
     return tuple(out)
 
 
@@ -123,7 +119,7 @@ def add_request(state: EngineState, request: Request, config: EngineConfig) -> E
     )
 
 
-def _remove_rows(state: EngineState, keep: list[bool]) -> tuple[Running, list[tuple[int, ...]]]:
+def remove_rows(state: EngineState, keep: list[bool]) -> tuple[Running, list[tuple[int, ...]]]:
     """Running without the rows where ``keep`` is False, and those rows' tables."""
     run = state.running
     dropped = [t for t, k in zip(run.tables, keep) if not k]
@@ -144,7 +140,7 @@ def _drop(state: EngineState, request_id: str, index: int | None) -> EngineState
     removed = keep.count(False) + len(state.waiting) - len(waiting)
     if removed == 0:
         return state
-    running, tables = _remove_rows(state, keep)
+    running, tables = remove_rows(state, keep)
     edit = PoolEdit(state.pool)
     for t in tables:
         edit.free_table(t)
