@@ -25,7 +25,7 @@ addressable there by its hash.
 from __future__ import annotations
 
 import hashlib
-from array import array
+import struct
 from typing import Iterable, Sequence
 
 from fnllm.state import BlockPool, Cons, InvariantError
@@ -34,9 +34,22 @@ NO_BLOCK = -1
 _ROOT = bytes(32)
 
 
+def _packer(n: int):
+    """``struct`` packer of (length, n tokens), little-endian (memoised per n)."""
+    pack = _PACKERS.get(n)
+    if pack is None:
+        pack = _PACKERS[n] = struct.Struct(f"<I{n}q").pack
+    return pack
+
+
+_PACKERS: dict = {}
+
+
 def hash_block(parent: bytes | None, tokens: Sequence[int], extra: tuple = ()) -> bytes:
-    """Chained, collision-resistant name of a full block's content."""
-    data = (parent or _ROOT) + len(tokens).to_bytes(4, "little") + array("q", tokens).tobytes()
+    """Chained, collision-resistant name of a full block's content:
+    SHA-256 of (parent, length as u32, tokens as i64, repr(extra)), little-endian."""
+    n = len(tokens)
+    data = (parent or _ROOT) + _packer(n)(n, *tokens)
     if extra:
         data += repr(extra).encode()
     return hashlib.sha256(data).digest()

@@ -260,7 +260,7 @@ class LLMEngine:
         output, error = self._execute(before, plan)
         if error is not None:
             return self._recover(before, plan, error)
-        state, news = commit(mid, plan, output, self.config)
+        state, news = commit(mid, plan, output, self.config, checked=True)
         results = self._deliver_ended()
         self.state, self.last_plan, self.consecutive_failures = state, plan, 0
         if self.recorder is not None:

@@ -67,7 +67,7 @@ def validate_request(state: EngineState, request: Request, config: EngineConfig)
     if not prompt:
         return "prompt is empty"
     vocab = config.model.vocab_size
-    ints = all(type(t) is int for t in prompt)  # exact ints: bools (an int subclass) are not token ids
+    ints = set(map(type, prompt)) == {int}  # exact ints: bools (an int subclass) are not token ids
     bad = () if ints and min(prompt) >= 0 and max(prompt) < vocab else [
         t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
     ]

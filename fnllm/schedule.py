@@ -30,12 +30,19 @@ is planned inline without allocation unless it crosses a block boundary.
 
 from __future__ import annotations
 
+from itertools import compress, repeat
+from operator import add, attrgetter, itemgetter, mod, not_, sub
+
 import attrs
 
 from fnllm.blocks import PoolEdit
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
+
+
+_get_n = attrgetter("n")
+_head = itemgetter(0)
 
 
 def _width(sp: SamplingParams, num_output: int) -> int:
@@ -329,21 +336,27 @@ def host_cache_on(config: EngineConfig) -> bool:
 def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, BatchPlan] | None:
     """Column-wise plan for the common step: nothing waiting, every running row
     decodes one token within budget and blocks, no tail block shared. None
-    when any of that does not hold (the general path then decides)."""
+    when any of that does not hold (the general path then decides).
+
+    Every pass over the rows is a C-level ``map``/``compress``: at a few
+    hundred rows, one Python-level loop costs as much as the rest together."""
     run, bs = state.running, config.cache.block_size
     n = len(run)
     if not n or state.waiting or n > config.scheduler.max_num_batched_tokens:
         return None
     ncs = run.num_computed
-    if any([t - c != 1 for t, c in zip(run.num_tokens, ncs)]) or not all(run.num_output):
+    if list(map(sub, run.num_tokens, ncs)).count(1) != n or 0 in run.num_output:
         return None
     pool = state.pool
-    if any([sp.n > 1 and c % bs and pool.ref[t[-1]] > 1 for sp, c, t in zip(run.sampling, ncs, run.tables)]):
+    if max(map(_get_n, run.sampling)) > 1 and any(
+        [sp.n > 1 and c % bs and pool.ref[t[-1]] > 1 for sp, c, t in zip(run.sampling, ncs, run.tables)]
+    ):
         return None
-    boundary = [i for i, c in enumerate(ncs) if not c % bs]
+    rem = list(map(mod, ncs, repeat(bs)))
     tables = run.tables
     swap_out = ()
-    if boundary:
+    if 0 in rem:
+        boundary = list(compress(range(n), map(not_, rem)))
         if len(boundary) > pool.num_free:
             return None
         edit = PoolEdit(pool, offload=host_cache_on(config))
@@ -353,12 +366,12 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         tables = tuple(tables)
         swap_out = tuple(edit.swaps_out)
         pool = edit.finish()
-    running = attrs.evolve(run, num_computed=tuple([c + 1 for c in ncs]), tables=tables)
+    running = attrs.evolve(run, num_computed=tuple(map(add, ncs, repeat(1))), tables=tables)
     plan = BatchPlan(
         step=state.step,
         seq_ids=run.seq_ids,
         request_ids=run.request_ids,
-        token_ids=tuple([(o[0],) for o in run.outputs]),
+        token_ids=tuple(zip(map(_head, run.outputs))),
         positions=ncs,
         block_tables=tables,
         num_samples=(1,) * n,

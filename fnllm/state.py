@@ -41,19 +41,22 @@ def cons_push_all(cell: Cons, tokens) -> Cons:
 
 def cons_tuple(cell: Cons, n: int | None = None) -> tuple[int, ...]:
     """The last ``n`` tokens (all when ``n`` is None), oldest first."""
-    out = []
-    append = out.append
     if n is None:
+        out = []
+        append = out.append
         while cell is not None:
             append(cell[0])
             cell = cell[1]
-    else:
-        for _ in range(n):
-            if cell is None:
-                break
-            append(cell[0])
-            cell = cell[1]
-    out.reverse()
+        out.reverse()
+        return tuple(out)
+    out = [0] * n
+    k = n
+    try:
+        while k:
+            k -= 1
+            out[k], cell = cell
+    except TypeError:  # the list is shorter than n
+        return tuple(out[k + 1 :])
     return tuple(out)
 
 
@@ -62,6 +65,8 @@ def seq_tokens(prompt: tuple[int, ...], output: Cons, num_output: int, start: in
     plen = len(prompt)
     if end <= plen:
         return prompt[start:end]
+    if start >= plen and end == plen + num_output:  # the newest tokens
+        return cons_tuple(output, end - start)
     tail = cons_tuple(output, num_output - max(start - plen, 0))
     tail = tail[: end - max(start, plen)]
     return prompt[start:plen] + tail if start < plen else tail

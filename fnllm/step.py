@@ -12,7 +12,8 @@ Rows whose sequence is gone (aborted between schedule and commit) are skipped.
 
 from __future__ import annotations
 
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import add, attrgetter, ge, mod, not_
 
 import attrs
 
@@ -32,6 +33,10 @@ def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
     flat = list(chain.from_iterable(output.sampled))
     if flat and (min(flat) < 0 or max(flat) >= vocab):
         raise InvariantError(f"sampled token outside the vocabulary [0, {vocab}): {min(flat)}..{max(flat)}")
+
+
+_max_tokens = attrgetter("max_tokens")
+_stop_ids = attrgetter("stop_token_ids")
 
 
 class _Commit:
@@ -58,18 +63,28 @@ class _Commit:
         """Name the blocks that positions [start, end) completed, extending the hash chain."""
         bs, c = self.bs, self.cols
         first, last = start // bs, end // bs
+        hashes = c["hashes"][i]
+        known = len(hashes)
+        lo = min(first, known)
+        if lo >= last:
+            return
         req = self.requests[c["request_ids"][i]]
-        hashes = list(c["hashes"][i])
-        table, extra, prompt = c["tables"][i], req.extra_keys, req.prompt_token_ids
-        out, nout = c["outputs"][i], c["num_output"][i]
-        for j in range(min(first, len(hashes)), last):
-            toks = seq_tokens(prompt, out, nout, j * bs, (j + 1) * bs)
-            parent = hashes[j - 1] if j else None
-            if j == len(hashes):
-                hashes.append(hash_block(parent, toks, extra))
+        extra, table = req.extra_keys, c["tables"][i]
+        span = seq_tokens(req.prompt_token_ids, c["outputs"][i], c["num_output"][i], lo * bs, last * bs)
+        parent = hashes[lo - 1] if lo else None
+        new = []
+        for j in range(lo, last):
+            toks = span[(j - lo) * bs : (j - lo + 1) * bs]
+            if j < known:
+                h = hashes[j]
+            else:
+                h = hash_block(parent, toks, extra)
+                new.append(h)
             if j >= first:
-                self.edit.cache(table[j], hashes[j], (parent, toks, extra))
-        c["hashes"][i] = tuple(hashes)
+                self.edit.cache(table[j], h, (parent, toks, extra))
+            parent = h
+        if new:
+            c["hashes"][i] = hashes + tuple(new)
 
     def fork(self, i: int, n_children: int) -> list[int]:
         """Rows for children 1..n_children of row ``i``, sharing its blocks."""
@@ -118,20 +133,21 @@ class _Commit:
         self.lps = logprobs
 
     def append_every_row(self, toks: list[int], logprobs: list | None) -> None:
-        """``append`` for the common step where row ``i`` gets ``toks[i]``, column-wise."""
+        """``append`` for the common step where row ``i`` gets ``toks[i]``, column-wise
+        (C-level passes only; the rows that may end are then checked one by one)."""
         c, eos, n = self.cols, self.eos, len(toks)
-        c["outputs"] = [(t, o) for t, o in zip(toks, c["outputs"])]
-        nouts = c["num_output"] = [k + 1 for k in c["num_output"]]
-        c["num_tokens"] = [k + 1 for k in c["num_tokens"]]
-        self.rows, self.toks, self.lps = list(range(n)), toks, logprobs
+        sps = c["sampling"]
+        c["outputs"] = list(zip(toks, c["outputs"]))
+        nouts = c["num_output"] = list(map(add, c["num_output"], repeat(1)))
+        c["num_tokens"] = list(map(add, c["num_tokens"], repeat(1)))
+        self.rows, self.toks, self.lps = range(n), toks, logprobs
         self.whys, self.stops = [None] * n, [None] * n
-        ending = [
-            i
-            for i, (t, k, sp) in enumerate(zip(toks, nouts, c["sampling"]))
-            if k >= sp.max_tokens or (k >= sp.min_tokens and (t in eos or t in sp.stop_token_ids))
-        ]
-        for i in ending:
-            why, stop = self._reason(c["sampling"][i], toks[i], nouts[i], eos)
+        ending = set(compress(range(n), map(ge, nouts, map(_max_tokens, sps))))
+        stops = eos.union(*map(_stop_ids, sps))
+        if not stops.isdisjoint(toks):
+            ending.update(compress(range(n), map(stops.__contains__, toks)))
+        for i in sorted(ending):
+            why, stop = self._reason(sps[i], toks[i], nouts[i], eos)
             if why is not None:
                 self.whys[i], self.stops[i] = why, stop
                 self._end(i)
@@ -164,7 +180,8 @@ class _Commit:
             next_seq_id=self.state.next_seq_id + forked,
         )
         rows, run = self.rows, self.state.running
-        if len(rows) == len(run) == len(c["seq_ids"]) and rows == list(range(len(rows))):
+        in_order = isinstance(rows, range) or rows == list(range(len(rows)))
+        if len(rows) == len(run) == len(c["seq_ids"]) and in_order:
             rids, idxs, sids = run.request_ids, run.indexes, run.seq_ids
         else:
             rids = tuple([c["request_ids"][i] for i in rows])
@@ -177,9 +194,21 @@ class _Commit:
         return state, outputs
 
 
-def commit(state: EngineState, plan: BatchPlan, output: StepOutput, config: EngineConfig) -> tuple[EngineState, Outputs]:
-    """Apply the device's output for ``plan``; the new state and each sequence's news."""
-    check_output(plan, output, config.model.vocab_size)
+def _crossing(plan: BatchPlan, bs: int) -> list[int]:
+    """Rows whose new tokens complete at least one block."""
+    lens = list(map(len, plan.token_ids))
+    if lens.count(1) == len(lens):  # all decode rows: those ending on a boundary
+        return list(compress(range(len(lens)), map(not_, map(mod, map(add, plan.positions, repeat(1)), repeat(bs)))))
+    return [r for r, (p, k) in enumerate(zip(plan.positions, lens)) if (p + k) // bs != p // bs]
+
+
+def commit(
+    state: EngineState, plan: BatchPlan, output: StepOutput, config: EngineConfig, *, checked: bool = False
+) -> tuple[EngineState, Outputs]:
+    """Apply the device's output for ``plan``; the new state and each sequence's news.
+    ``checked``: the caller already ran :func:`check_output` on ``output``."""
+    if not checked:
+        check_output(plan, output, config.model.vocab_size)
     work = _Commit(state, config)
     run_ids = state.running.seq_ids
     if plan.seq_ids == run_ids:
@@ -189,8 +218,7 @@ def commit(state: EngineState, plan: BatchPlan, output: StepOutput, config: Engi
     caching, bs = config.cache.enable_prefix_caching, config.cache.block_size
     lps_all = output.logprobs
     if row_of is None and caching:
-        crossing = [r for r, (p, t) in enumerate(zip(plan.positions, plan.token_ids)) if (p + len(t)) // bs != p // bs]
-        for r in crossing:
+        for r in _crossing(plan, bs):
             work.register_full_blocks(r, plan.positions[r], plan.positions[r] + len(plan.token_ids[r]))
     if row_of is None and plan.num_samples.count(1) == len(plan):
         lps = None if lps_all is None else [x[0] for x in lps_all]
