@@ -14,6 +14,7 @@ _LAZY = {
     "SamplingParams": ("fnllm.state", "SamplingParams"),
     "RequestOutput": ("fnllm.outputs", "RequestOutput"),
     "CompletionOutput": ("fnllm.outputs", "CompletionOutput"),
+    "RequestOutputKind": ("fnllm.state", "RequestOutputKind"),
 }
 
 

@@ -23,7 +23,9 @@ from fnllm.faults import plan_subset, repair_after_failure, rerunnable
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.outputs import CompletionOutput, RequestOutput, logprob_dict
 from fnllm.schedule import schedule
-from fnllm.state import BatchPlan, EngineState, Executor, Outputs, Rejection, Request, SamplingParams, StepOutput
+from fnllm.state import (
+    BatchPlan, EngineState, Executor, Outputs, Rejection, Request, RequestOutputKind, SamplingParams, StepOutput,
+)
 from fnllm.step import check_output, commit
 
 PromptType = str | Sequence[int] | dict
@@ -39,6 +41,8 @@ def _token_ids(ids) -> list[int]:
     floats and strings are not (``ValueError`` naming the first bad one)."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
+    if type(ids) in (list, tuple) and set(map(type, ids)) <= {int}:
+        return list(ids)  # the usual case: plain ints (bools are their own type)
     out = []
     for t in ids:
         if isinstance(t, bool) or not hasattr(t, "__index__"):
@@ -57,6 +61,7 @@ class _Track:
         self.num_cached_tokens: int | None = None
         self.detoks: dict[int, object] = {}
         self.full_text: dict[int, str] = {}
+        self.sent: dict[int, tuple[int, int]] = {}  # DELTA: tokens and characters reported, per sample
 
     def completion(self, index: int) -> CompletionOutput:
         c = self.completions.get(index)
@@ -115,13 +120,24 @@ class _Track:
                 c.text = self.full_text[index]  # ended by length/EOS: nothing is held back any more
 
     def output(self, finished: bool) -> RequestOutput:
-        outs = [
-            attrs.evolve(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
-            for c in (self.completions[i] for i in sorted(self.completions))
-        ]
+        """The request's output (a copy: later steps never change it); under
+        ``DELTA`` only the tokens, logprobs and text not reported before."""
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        outs = [self._snapshot(self.completions[i], delta) for i in sorted(self.completions)]
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
             outputs=outs, finished=finished, num_cached_tokens=self.num_cached_tokens,
+        )
+
+
+    def _snapshot(self, c: CompletionOutput, delta: bool) -> CompletionOutput:
+        lps = c.logprobs
+        if not delta:
+            return attrs.evolve(c, token_ids=list(c.token_ids), logprobs=None if lps is None else list(lps))
+        n_tok, n_text = self.sent.get(c.index, (0, 0))
+        self.sent[c.index] = (len(c.token_ids), len(c.text))
+        return attrs.evolve(
+            c, token_ids=c.token_ids[n_tok:], text=c.text[n_text:], logprobs=None if lps is None else lps[n_tok:]
         )
 
 
@@ -174,6 +190,7 @@ class LLMEngine:
         self.dead: EngineDeadError | None = None
         self._unscheduled: set[str] = set()  # requests not yet in a plan (num_cached_tokens unknown)
         self.last_plan: BatchPlan | None = None
+        self.last_news: Outputs = Outputs()  # the core's news of the last committed step (for shells)
         if recorder is not None:
             recorder.start(config)
 
@@ -256,11 +273,13 @@ class LLMEngine:
         if not self.state.requests:
             return self._deliver_ended()
         before = self.state
+        self.last_news = Outputs()
         mid, plan = schedule(before, self.config, now=self._clock())
         output, error = self._execute(before, plan)
         if error is not None:
             return self._recover(before, plan, error)
         state, news = commit(mid, plan, output, self.config, checked=True)
+        self.last_news = news
         results = self._deliver_ended()
         self.state, self.last_plan, self.consecutive_failures = state, plan, 0
         if self.recorder is not None:
@@ -401,11 +420,14 @@ class LLMEngine:
                 track.flush(idx)
                 if c.finish_reason is None:
                     c.finish_reason, c.stop_reason = why, stop
-        return [self._result(rid) for rid in touched]
+        results = [self._result(rid) for rid in touched]
+        return [r for r in results if r is not None]
 
-    def _result(self, rid: str) -> RequestOutput:
+    def _result(self, rid: str) -> RequestOutput | None:
         track = self._tracks[rid]
         finished = rid not in self.state.requests
         if finished:
             del self._tracks[rid]
+        elif track.params.output_kind == RequestOutputKind.FINAL_ONLY:
+            return None
         return track.output(finished)

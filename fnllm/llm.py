@@ -26,10 +26,12 @@ import time
 import weakref
 from typing import Sequence
 
+import attrs
+
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from fnllm.engine import LLMEngine, PromptType
 from fnllm.outputs import RequestOutput
-from fnllm.state import SamplingParams
+from fnllm.state import RequestOutputKind, SamplingParams
 
 DEFAULT_KV_MEMORY = 1 << 30  # 1 GiB
 DEFAULT_SWAP_SPACE = 4  # GiB, vLLM's default, used under preemption_mode="swap" or with a disk tier
@@ -197,6 +199,8 @@ class LLM:
         try:
             for k, (p, sp) in enumerate(zip(prompts, params)):
                 rid = str(next(self._ids))
+                if isinstance(sp, SamplingParams):  # generate returns finished outputs only (as vLLM's LLM)
+                    sp = attrs.evolve(sp, output_kind=RequestOutputKind.FINAL_ONLY)
                 engine.add_request(rid, p, sp, priority=priority[k] if priority else 0)
                 ids.append(rid)
         except Exception:

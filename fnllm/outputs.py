@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from fnllm.state import TokenLogprobs
+from fnllm.state import RequestOutputKind, TokenLogprobs  # noqa: F401 (re-exported)
 
 
 @attrs.define(kw_only=True)

@@ -88,6 +88,26 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what each ``step`` reports for a request. CUMULATIVE: the whole
+    output so far, every step that touched it; DELTA: only what is new since
+    the last report; FINAL_ONLY: one output, when it finishes (``LLM.generate``)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+def _output_kind(value: Any) -> RequestOutputKind:
+    """A RequestOutputKind, or its value (as a trace stores it)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return RequestOutputKind(value)
+    except ValueError:
+        raise ValueError(f"output_kind must be a RequestOutputKind, got {value!r}") from None
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """vLLM's sampling parameters, validated on construction.
@@ -110,6 +130,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    output_kind: RequestOutputKind = attrs.field(default=RequestOutputKind.CUMULATIVE, converter=_output_kind)
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, 1)

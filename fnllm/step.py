@@ -169,7 +169,7 @@ class _Commit:
         if all(live):
             running = Running(*(tuple(c[k]) for k in COLUMNS))
         else:
-            running = Running(*(tuple(x for x, ok in zip(c[k], live) if ok) for k in COLUMNS))
+            running = Running(*(tuple(compress(c[k], live)) for k in COLUMNS))
         forked = len(c["seq_ids"]) - len(self.state.running)
         state = attrs.evolve(
             self.state,

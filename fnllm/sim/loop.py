@@ -25,7 +25,7 @@ from fnllm.engine import LLMEngine
 from fnllm.sim.cost import CostModel
 from fnllm.sim.executor import SimExecutor, filler_token
 from fnllm.sim.workload import WorkItem, prompt_ids
-from fnllm.state import SamplingParams
+from fnllm.state import RequestOutputKind, SamplingParams
 
 
 class VirtualClock:
@@ -56,7 +56,9 @@ class SimResult:
 
 
 def _request_params(item: WorkItem) -> SamplingParams:
-    return SamplingParams(max_tokens=item.output_len, ignore_eos=True, temperature=0.0)
+    return SamplingParams(
+        max_tokens=item.output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
+    )
 
 
 class _EngineShell:
@@ -83,10 +85,12 @@ class _EngineShell:
         outs = self.engine.step()
         plan = self.engine.last_plan
         now = now_after(plan)
-        for out in outs:
+        first = res.first_token
+        for rid in self.engine.last_news.request_ids:
+            if rid not in first:
+                first[rid] = now
+        for out in outs:  # requests run FINAL_ONLY: an output is a finished request
             rid = out.request_id
-            if rid not in res.first_token and any(c.token_ids for c in out.outputs):
-                res.first_token[rid] = now
             if out.finished:
                 res.finish[rid] = now
                 res.output_len[rid] = sum(len(c.token_ids) for c in out.outputs)
