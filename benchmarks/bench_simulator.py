@@ -98,9 +98,10 @@ def run_real(engine_cls, config, executor, work, clock) -> dict:
         before = engine.state.running.seq_ids
         outs = engine.step()
         t = clock() - t0
+        for rid in engine.last_news.request_ids:  # requests run FINAL_ONLY, as in the simulator
+            if rid not in first:
+                first[rid] = t
         for o in outs:
-            if o.request_id not in first and any(c.token_ids for c in o.outputs):
-                first[o.request_id] = t
             if o.finished:
                 finish[o.request_id] = t
                 out_len[o.request_id] = sum(len(c.token_ids) for c in o.outputs)

@@ -9,13 +9,12 @@ is live, time jumps to the next arrival. Nothing here reads a real clock.
 
 Measured per request: arrival, the end of the step that produced its first
 token, and its finish; per step: time, KV blocks in use, running and
-waiting counts (for plots), and preemptions (a sequence that was running
-before a step and is back in the waiting queue after it).
+waiting counts (for plots), and preemptions (the core's counter: a running
+sequence sent back to the waiting queue, by recompute or swap).
 """
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import Callable
 
 import attrs
@@ -142,7 +141,6 @@ def simulate(
             if k < n:
                 clock.now = max(clock.now, work[k].arrival)
             continue
-        before = sh.state.running.seq_ids
         t0 = clock.now
         plan = sh.step(res, advance)
         if not len(plan) and clock.now == t0:
@@ -155,10 +153,6 @@ def simulate(
         if keep_plans:
             res.plans.append(plan)
         after = state.running.seq_ids
-        if before and len(after) <= len(before):
-            dropped = set(before).difference(after)
-            if dropped:
-                res.preemptions += sum(1 for s in islice(state.waiting, len(dropped)) if s.seq_id in dropped)
         used = num_blocks - state.pool.num_free
         if used > res.peak_kv_blocks:
             res.peak_kv_blocks = used
@@ -167,4 +161,5 @@ def simulate(
             if len(res.series) >= 2 * series_points:
                 res.series = res.series[::2]
                 thin *= 2
+    res.preemptions = sh.state.num_preemptions
     return res
