@@ -13,7 +13,7 @@ Rows whose sequence is gone (aborted between schedule and commit) are skipped.
 from __future__ import annotations
 
 from itertools import chain, compress, repeat
-from operator import add, attrgetter, ge, mod, not_
+from operator import add, attrgetter, ge, itemgetter, mod, not_
 
 import attrs
 
@@ -35,8 +35,34 @@ def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
         raise InvariantError(f"sampled token outside the vocabulary [0, {vocab}): {min(flat)}..{max(flat)}")
 
 
+def register_blocks(edit: PoolEdit, req, table, hashes: tuple, output, num_output: int, start: int, end: int, bs: int) -> tuple:
+    """Name in the prefix cache the blocks of ``table`` that positions
+    [start, end) completed; the sequence's hash chain, extended."""
+    first, last = start // bs, end // bs
+    known = len(hashes)
+    lo = min(first, known)
+    if lo >= last:
+        return hashes
+    extra = req.extra_keys
+    span = seq_tokens(req.prompt_token_ids, output, num_output, lo * bs, last * bs)
+    parent = hashes[lo - 1] if lo else None
+    new = []
+    for j in range(lo, last):
+        toks = span[(j - lo) * bs : (j - lo + 1) * bs]
+        if j < known:
+            h = hashes[j]
+        else:
+            h = hash_block(parent, toks, extra)
+            new.append(h)
+        if j >= first:
+            edit.cache(table[j], h, (parent, toks, extra))
+        parent = h
+    return hashes + tuple(new) if new else hashes
+
+
 _max_tokens = attrgetter("max_tokens")
 _stop_ids = attrgetter("stop_token_ids")
+_head = itemgetter(0)
 
 
 class _Commit:
@@ -61,30 +87,11 @@ class _Commit:
 
     def register_full_blocks(self, i: int, start: int, end: int) -> None:
         """Name the blocks that positions [start, end) completed, extending the hash chain."""
-        bs, c = self.bs, self.cols
-        first, last = start // bs, end // bs
-        hashes = c["hashes"][i]
-        known = len(hashes)
-        lo = min(first, known)
-        if lo >= last:
-            return
+        c = self.cols
         req = self.requests[c["request_ids"][i]]
-        extra, table = req.extra_keys, c["tables"][i]
-        span = seq_tokens(req.prompt_token_ids, c["outputs"][i], c["num_output"][i], lo * bs, last * bs)
-        parent = hashes[lo - 1] if lo else None
-        new = []
-        for j in range(lo, last):
-            toks = span[(j - lo) * bs : (j - lo + 1) * bs]
-            if j < known:
-                h = hashes[j]
-            else:
-                h = hash_block(parent, toks, extra)
-                new.append(h)
-            if j >= first:
-                self.edit.cache(table[j], h, (parent, toks, extra))
-            parent = h
-        if new:
-            c["hashes"][i] = hashes + tuple(new)
+        c["hashes"][i] = register_blocks(
+            self.edit, req, c["tables"][i], c["hashes"][i], c["outputs"][i], c["num_output"][i], start, end, self.bs
+        )
 
     def fork(self, i: int, n_children: int) -> list[int]:
         """Rows for children 1..n_children of row ``i``, sharing its blocks."""
@@ -194,6 +201,43 @@ class _Commit:
         return state, outputs
 
 
+def _commit_decode(
+    state: EngineState, plan: BatchPlan, output: StepOutput, config: EngineConfig
+) -> tuple[EngineState, Outputs] | None:
+    """``commit`` for the common step, column-wise: every running row was
+    scheduled in order (decode rows, last prefill chunks) and sampled one
+    token, and none ends (None otherwise:
+    the general path decides). Agrees with the general path exactly."""
+    run, eos = state.running, config.model.eos_token_ids
+    toks = list(map(_head, output.sampled))
+    nouts = tuple(map(add, run.num_output, repeat(1)))
+    sps = run.sampling
+    if True in map(ge, nouts, map(_max_tokens, sps)):
+        return None
+    if not frozenset(eos).union(*map(_stop_ids, sps)).isdisjoint(toks):
+        return None  # a stop or EOS token (even if min_tokens or ignore_eos keeps it going): rare, general path
+    pool, hashes = state.pool, run.hashes
+    if config.cache.enable_prefix_caching:
+        crossing = _crossing(plan, config.cache.block_size)
+        if crossing:
+            edit, hashes, requests, bs = PoolEdit(pool), list(hashes), state.requests, config.cache.block_size
+            for r in crossing:
+                p = plan.positions[r]
+                hashes[r] = register_blocks(edit, requests[run.request_ids[r]], run.tables[r], hashes[r],
+                                            run.outputs[r], run.num_output[r], p, p + len(plan.token_ids[r]), bs)
+            pool, hashes = edit.finish(), tuple(hashes)
+    running = attrs.evolve(
+        run, outputs=tuple(zip(toks, run.outputs)), num_output=nouts,
+        num_tokens=tuple(map(add, run.num_tokens, repeat(1))), hashes=hashes,
+    )
+    n, lps = len(run), output.logprobs
+    outputs = Outputs(
+        run.request_ids, run.indexes, run.seq_ids, tuple(toks), (None,) * n, (None,) * n,
+        None if lps is None else tuple(map(_head, lps)), (),
+    )
+    return attrs.evolve(state, pool=pool, running=running), outputs
+
+
 def _crossing(plan: BatchPlan, bs: int) -> list[int]:
     """Rows whose new tokens complete at least one block."""
     lens = list(map(len, plan.token_ids))
@@ -209,8 +253,12 @@ def commit(
     ``checked``: the caller already ran :func:`check_output` on ``output``."""
     if not checked:
         check_output(plan, output, config.model.vocab_size)
-    work = _Commit(state, config)
     run_ids = state.running.seq_ids
+    if plan.seq_ids == run_ids and plan.num_samples.count(1) == len(plan) and len(plan):
+        quiet = _commit_decode(state, plan, output, config)
+        if quiet is not None:
+            return quiet
+    work = _Commit(state, config)
     if plan.seq_ids == run_ids:
         row_of = None  # the common case: every running row was scheduled, in order
     else:

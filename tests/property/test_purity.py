@@ -96,3 +96,31 @@ def test_decode_fast_path_agrees_with_general_path(config, work, steps):
             assert fast[1] == slow[1]
             assert snapshot(fast[0]) == snapshot(slow[0])
         run.step()
+
+
+@given(
+    config=engine_configs(),
+    work=st.lists(st.tuples(prompts(), sampling_params()), min_size=1, max_size=5),
+    steps=st.integers(1, 12),
+)
+def test_commit_fast_path_agrees_with_general_path(config, work, steps):
+    """Where ``_commit_decode`` takes a step, the general ``_Commit`` gives the same state and news."""
+    import fnllm.step as step_mod
+
+    run = _started(config, work)
+    taken = 0
+    for _ in range(steps):
+        mid, plan = schedule(run.state, config)
+        out = run.ex.execute(plan) if plan.has_device_work else None
+        if out is not None and plan.seq_ids == mid.running.seq_ids and len(plan):
+            fast = step_mod._commit_decode(mid, plan, out, config) if plan.num_samples.count(1) == len(plan) else None
+            if fast is not None:
+                taken += 1
+                slow_work = step_mod._Commit(mid, config)
+                for r in step_mod._crossing(plan, config.cache.block_size) if config.cache.enable_prefix_caching else ():
+                    slow_work.register_full_blocks(r, plan.positions[r], plan.positions[r] + len(plan.token_ids[r]))
+                lps = None if out.logprobs is None else [x[0] for x in out.logprobs]
+                slow_work.append_every_row([x[0] for x in out.sampled], lps)
+                slow = slow_work.finish(out.logprobs is not None)
+                assert snapshot(fast[0]) == snapshot(slow[0]) and fast[1] == slow[1]
+        run.step()
