@@ -78,13 +78,14 @@ class WallClock:
         time.sleep(max(0.0, seconds))
 
 
-def run_real(engine_cls, config, executor, work, clock) -> dict:
+def run_real(engine_cls, config, executor, work, clock) -> tuple[dict, list]:
     """The real engine on the model: requests added as their arrival time passes."""
     engine = engine_cls(config, executor, None, clock=clock)
     vocab, avoid = config.model.vocab_size, frozenset(config.model.eos_token_ids)
     ids = [list(prompt_ids(it, k, vocab, avoid)) for k, it in enumerate(work)]
     arrival, first, finish, out_len = {}, {}, {}, {}
     preempt, peak, k, n = 0, 0, 0, len(work)
+    steps = []  # (plan, measured seconds) of every step that ran rows
     t0 = clock()
     while k < n or engine.has_unfinished_requests():
         now = clock() - t0
@@ -96,8 +97,11 @@ def run_real(engine_cls, config, executor, work, clock) -> dict:
             clock.sleep(work[k].arrival - (clock() - t0))
             continue
         before = engine.state.running.seq_ids
+        ts = clock()
         outs = engine.step()
         t = clock() - t0
+        if engine.last_plan is not None and len(engine.last_plan):
+            steps.append((engine.last_plan, clock() - ts))
         for rid in engine.last_news.request_ids:  # requests run FINAL_ONLY, as in the simulator
             if rid not in first:
                 first[rid] = t
@@ -109,7 +113,23 @@ def run_real(engine_cls, config, executor, work, clock) -> dict:
         dropped = set(before).difference(st.running.seq_ids)
         preempt += sum(1 for s in st.waiting if s.seq_id in dropped)
         peak = max(peak, config.cache.num_blocks - st.pool.num_free)
-    return metrics(arrival, first, finish, out_len, preemptions=preempt, peak_kv_usage=peak / config.cache.num_blocks)
+    m = metrics(arrival, first, finish, out_len, preemptions=preempt, peak_kv_usage=peak / config.cache.num_blocks)
+    return m, steps
+
+
+def step_errors(steps, cost) -> dict:
+    """The cost model against the real run's own steps, by kind of step:
+    where the simulator's time goes wrong (decode only, prefill only, mixed)."""
+    kinds: dict = {}
+    for plan, secs in steps:
+        multi = sum(1 for t in plan.token_ids if len(t) > 1)
+        kind = "decode" if not multi else ("prefill" if multi == len(plan) else "mixed")
+        k = kinds.setdefault(kind, [0, 0.0, 0.0])
+        k[0] += 1
+        k[1] += secs
+        k[2] += cost.step_seconds(plan)
+    return {kind: {"steps": n, "measured_ms": round(m / n * 1e3, 2), "predicted_ms": round(p / n * 1e3, 2),
+                   "rel_error": round((p - m) / m, 4)} for kind, (n, m, p) in sorted(kinds.items())}
 
 
 def capacity_rate(work, config, cost) -> float:
@@ -188,8 +208,9 @@ def main() -> None:
         pred = sim_metrics(simulate(work, config, cost))
         row = {"predicted": {k: round(pred[k], 4) for k in COMPARED + ("preemptions",)}}
         if not args.skip_real:
-            meas = run_real(LLMEngine, config, llm.llm_engine.executor, work, CpuClock() if args.clock == "cpu" else WallClock())
+            meas, steps = run_real(LLMEngine, config, llm.llm_engine.executor, work, CpuClock() if args.clock == "cpu" else WallClock())
             row["measured"] = {k: round(meas[k], 4) for k in COMPARED + ("preemptions",)}
+            row["step_time_by_kind"] = step_errors(steps, cost)
             row["rel_error"] = {k: rel(pred[k], meas[k]) for k in COMPARED}
             row["within_10pct"] = all(abs(v) <= 0.10 for v in row["rel_error"].values())
         rows[name] = row

@@ -233,7 +233,7 @@ def _commit_decode(
     n, lps = len(run), output.logprobs
     outputs = Outputs(
         run.request_ids, run.indexes, run.seq_ids, tuple(toks), (None,) * n, (None,) * n,
-        None if lps is None else tuple(map(_head, lps)), (),
+        None if lps is None else tuple([x[0] if x else None for x in lps]), (),  # () : no logprobs asked
     )
     return attrs.evolve(state, pool=pool, running=running), outputs
 
@@ -269,7 +269,7 @@ def commit(
         for r in _crossing(plan, bs):
             work.register_full_blocks(r, plan.positions[r], plan.positions[r] + len(plan.token_ids[r]))
     if row_of is None and plan.num_samples.count(1) == len(plan):
-        lps = None if lps_all is None else [x[0] for x in lps_all]
+        lps = None if lps_all is None else [x[0] if x else None for x in lps_all]  # () : no logprobs asked
         work.append_every_row([x[0] for x in output.sampled], lps)
         return work.finish(lps_all is not None)
     pairs: list[tuple[int, int]] = []

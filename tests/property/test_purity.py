@@ -119,7 +119,7 @@ def test_commit_fast_path_agrees_with_general_path(config, work, steps):
                 slow_work = step_mod._Commit(mid, config)
                 for r in step_mod._crossing(plan, config.cache.block_size) if config.cache.enable_prefix_caching else ():
                     slow_work.register_full_blocks(r, plan.positions[r], plan.positions[r] + len(plan.token_ids[r]))
-                lps = None if out.logprobs is None else [x[0] for x in out.logprobs]
+                lps = None if out.logprobs is None else [x[0] if x else None for x in out.logprobs]
                 slow_work.append_every_row([x[0] for x in out.sampled], lps)
                 slow = slow_work.finish(out.logprobs is not None)
                 assert snapshot(fast[0]) == snapshot(slow[0]) and fast[1] == slow[1]
