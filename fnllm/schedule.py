@@ -277,7 +277,7 @@ class _Step:
         if all(live):
             running = Running(*(tuple(c[k]) for k in COLUMNS))
         else:
-            running = Running(*(tuple(x for x, ok in zip(c[k], live) if ok) for k in COLUMNS))
+            running = Running(*(tuple(compress(c[k], live)) for k in COLUMNS))
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
         plan = self._build_plan()
         new_state = attrs.evolve(
