@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import time
+from itertools import repeat
 from typing import Callable, Iterable, Sequence
 
 import attrs
@@ -400,17 +401,29 @@ class LLMEngine:
         return results
 
     def _absorb(self, news: Outputs) -> list[RequestOutput]:
+        """Fold the core's news into the tracks; the outputs due (a FINAL_ONLY
+        request is due only when one of its sequences ends)."""
         touched: dict[str, None] = {}
+        tracks, final_only = self._tracks, RequestOutputKind.FINAL_ONLY
         for rid, idx, tok, why, stop, lp in zip(
             news.request_ids, news.indexes, news.token_ids, news.finish_reasons, news.stop_reasons,
-            news.logprobs if news.logprobs is not None else [None] * len(news),
+            news.logprobs if news.logprobs is not None else repeat(None),
         ):
-            track = self._tracks[rid]
-            touched[rid] = None
-            c = track.completion(idx)
-            if c.finish_reason is not None:
+            track = tracks[rid]
+            c = track.completions.get(idx)
+            if c is None:
+                c = track.completion(idx)
+            elif c.finish_reason is not None:
+                touched[rid] = None
                 continue  # already ended by a stop string earlier in this step
-            hit = track.add_token(idx, tok, lp)
+            if track.tokenizer is None and lp is None:  # nothing to detokenize or convert
+                c.token_ids.append(tok)
+                hit = None
+            else:
+                hit = track.add_token(idx, tok, lp)
+            if why is None and hit is None and track.params.output_kind == final_only:
+                continue
+            touched[rid] = None
             if hit is not None:
                 if why is None:
                     self.state = finish_sequence(self.state, rid, idx)
