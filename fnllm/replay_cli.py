@@ -42,7 +42,8 @@ def _what_if(trace, args) -> int:
             return _model_executor(config, args.device or config.model.device)
         from fnllm.device.fake import FakeExecutor
 
-        return FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size)
+        return FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size,
+                            sliding_window=config.cache.sliding_window)
 
     base, other, changed = what_if(trace, overrides, make)
     print(f"what-if {overrides} (outputs from the {args.executor} executor):")
