@@ -416,6 +416,15 @@ def make_writable(
     return e.finish(), tuple(t), tuple(copies)
 
 
+def release_outside_window(
+    pool: BlockPool, table: tuple[int, ...], pos: int, window: int | None
+) -> tuple[BlockPool, tuple[int, ...]]:
+    """:meth:`PoolEdit.punch` as a pure function: the new pool and table."""
+    e = PoolEdit(pool)
+    t = e.punch(tuple(table), pos, window)
+    return e.finish(), t
+
+
 def lookup_prefix(pool: BlockPool, hashes: Iterable[bytes]) -> tuple[int, ...]:
     out = []
     for h in hashes:
