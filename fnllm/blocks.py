@@ -43,7 +43,11 @@ its table before :func:`first_window_block` ``(p)`` are never read again.
   only. Recompute preemption frees the blocks; the sequence recomputes from
   position 0 (its KV does not depend on how it was chunked).
 - Admission with a cached prefix takes references only on the hits inside
-  the window of its first computed position; the rest become holes at once.
+  the window of its first computed position; the rest become holes at once
+  (host-tier hits there are not swapped in: they stay cached on the host).
+- The disk tier saves a prompt block right after the step that filled it,
+  before the next schedule can release it; disk hits are staged into the
+  host tier and follow the host rule above.
 """
 
 from __future__ import annotations

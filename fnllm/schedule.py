@@ -344,11 +344,6 @@ def punch_all(edit: PoolEdit, ncs: list[int], tables: list[tuple[int, ...]], win
             tables[i] = edit.punch(tables[i], nc, window)
 
 
-def _needs_punch(nc: int, table: tuple[int, ...], window: int, bs: int) -> bool:
-    h = first_window_block(nc, window, bs)
-    return h > 0 and table[h - 1] != HOLE
-
-
 def host_cache_on(config: EngineConfig) -> bool:
     """Evicted cached device blocks go to the host tier (the host prefix cache)."""
     return config.cache.enable_prefix_caching and config.cache.num_host_blocks > 0
@@ -372,7 +367,9 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
     tables = run.tables
     swap_out = ()
     window = config.cache.sliding_window
-    punching = window and any([_needs_punch(c, t, window, bs) for c, t in zip(ncs, tables)])
+    # a row has blocks to release when the block before its first window block is not yet a hole
+    punching = window and any([c - window + 1 >= bs and t[(c - window + 1) // bs - 1] != HOLE
+                               for c, t in zip(ncs, tables)])
     if boundary or punching:
         edit = PoolEdit(pool, offload=host_cache_on(config))
         tables = list(tables)
