@@ -3,8 +3,10 @@
 N running decode sequences (N = 64, 256, 1024; block size 16 and 128; a
 pool of 100,000 blocks), each fed a synthetic sampled token per step. The
 churn variant gives requests 16 output tokens and replaces each finished one
-with a new request (``add_request`` is timed too). Prints JSON; the target
-is <= 150 µs per step at 256 sequences (decode, block size 16).
+with a new request (``add_request`` is timed too). The window variant runs
+the decode case with a sliding window of 64 positions (each row releases a
+block every 16 steps), next to the plain decode in the same run. Prints
+JSON; the target is <= 150 µs per step at 256 sequences (decode, block size 16).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from fnllm.step import commit
 PROMPT = 32
 
 
-def config(n: int, bs: int) -> EngineConfig:
+def config(n: int, bs: int, window: int | None = None) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(vocab_size=32000, eos_token_ids=(2,)),
-        cache=CacheConfig(block_size=bs, num_blocks=100_000, enable_prefix_caching=True),
+        cache=CacheConfig(block_size=bs, num_blocks=100_000, enable_prefix_caching=True, sliding_window=window),
         scheduler=SchedulerConfig(max_num_batched_tokens=max(8192, n * PROMPT), max_num_seqs=n, max_model_len=8192),
     )
 
@@ -39,8 +41,8 @@ def fake_output(plan, step: int) -> StepOutput:
     return StepOutput(sampled=tuple(((step + i) % 30000 + 100,) * n for i, n in enumerate(plan.num_samples)))
 
 
-def measure(n: int, bs: int, steps: int, churn: bool) -> float:
-    cfg = config(n, bs)
+def measure(n: int, bs: int, steps: int, churn: bool, window: int | None = None) -> float:
+    cfg = config(n, bs, window)
     max_tokens = 16 if churn else 4000
     state = initial_state(cfg)
     for k in range(n):
@@ -75,6 +77,10 @@ def main() -> None:
     for n in (64, 256, 1024):
         steps = max(20, 20000 // n)
         out["churn"][f"bs16_n{n}"] = round(min(measure(n, 16, steps, True) for _ in range(3)), 1)
+    out["window64_decode"] = {}
+    for n in (256, 1024):
+        steps = max(20, 20000 // n)
+        out["window64_decode"][f"bs16_n{n}"] = round(min(measure(n, 16, steps, False, 64) for _ in range(3)), 1)
     print(json.dumps(out, indent=2))
 
 

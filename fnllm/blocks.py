@@ -20,6 +20,34 @@ pinned until ``finish`` (``host_release``), so no host block is reused by a
 later move of the same plan. With ``offload`` on (the host prefix cache), a
 cached device block evicted by ``take`` is copied to a host block and stays
 addressable there by its hash.
+
+Sliding window (``CacheConfig.sliding_window`` = W): a row whose next token
+is at position ``p`` attends to positions ``> p - W`` only, so the blocks of
+its table before :func:`first_window_block` ``(p)`` are never read again.
+:meth:`PoolEdit.punch` drops its references on them and their entries become
+:data:`~fnllm.state.HOLE`. The rules:
+
+- Holes are a leading run of a table (the window only slides forward), at
+  most ``first_window_block(num_computed)`` long, so no step reads one.
+- A released block is an ordinary decref: a block still held by another
+  table (a fork's sibling, a sequence sharing a cached prefix) stays, and a
+  cached one stays addressable by its hash in the LRU (its content is
+  intact), so prefix hits and the host/disk tiers work on it as on any
+  cached block. Full blocks are hashed in commit as they fill, before any
+  can become a hole, so hash chains never have gaps.
+- A fork (n > 1) copies its parent's holes; each child releases its share of
+  the blocks on its own. Copy-on-write only touches the tail block, which
+  is inside the window.
+- Swap-out moves only the blocks of the table (holes stay holes in the host
+  table, taking no host block); swap-in allocates device blocks for those
+  only. Recompute preemption frees the blocks; the sequence recomputes from
+  position 0 (its KV does not depend on how it was chunked).
+- Admission with a cached prefix takes references only on the hits inside
+  the window of its first computed position; the rest become holes at once
+  (host-tier hits there are not swapped in: they stay cached on the host).
+- The disk tier saves a prompt block right after the step that filled it,
+  before the next schedule can release it; disk hits are staged into the
+  host tier and follow the host rule above.
 """
 
 from __future__ import annotations
@@ -28,7 +56,7 @@ import hashlib
 import struct
 from typing import Iterable, Sequence
 
-from fnllm.state import BlockPool, Cons, InvariantError
+from fnllm.state import HOLE, BlockPool, Cons, InvariantError
 
 NO_BLOCK = -1
 _ROOT = bytes(32)
@@ -65,6 +93,15 @@ def chain_hashes(
     for j in range(len(parents), n_full):
         out.append(hash_block(out[-1] if out else None, tokens[j * block_size : (j + 1) * block_size], extra))
     return tuple(out)
+
+
+def first_window_block(pos: int, window: int | None, block_size: int) -> int:
+    """The first block a row whose first new token is at ``pos`` reads: every
+    block before it lies wholly before position ``pos - window + 1``, outside
+    the window of every query from ``pos`` on (0 without a window)."""
+    if not window:
+        return 0
+    return max(0, pos - window + 1) // block_size
 
 
 def new_pool(num_blocks: int, block_size: int, num_host_blocks: int = 0) -> BlockPool:
@@ -183,9 +220,23 @@ class PoolEdit:
             self.num_stack += 1
 
     def free_table(self, table: Iterable[int]) -> None:
-        """Release a sequence's blocks, last block first, so its tail is evicted first."""
+        """Release a sequence's blocks, last block first, so its tail is evicted first (holes skipped)."""
         for b in reversed(tuple(table)):
-            self.decref(b)
+            if b != HOLE:
+                self.decref(b)
+
+    def punch(self, table: tuple[int, ...], pos: int, window: int | None) -> tuple[int, ...]:
+        """``table`` with the blocks before :func:`first_window_block` ``(pos)``
+        released and made holes (last first, like ``free_table``); ``table``
+        itself when there is nothing new to release (an O(1) check)."""
+        h = first_window_block(pos, window, self.pool.block_size)
+        if not h or table[h - 1] == HOLE:
+            return table
+        j = h - 1
+        while j >= 0 and table[j] != HOLE:
+            self.decref(table[j])
+            j -= 1
+        return (HOLE,) * h + table[h:]
 
     # -- prefix cache -------------------------------------------------------------
     def lookup(self, hashes: Iterable[bytes]) -> list[int]:
@@ -266,11 +317,14 @@ class PoolEdit:
         """A host table holding the content of device ``blocks`` (one host
         reference per entry), the moves recorded; None, nothing changed, when
         the host tier lacks room. The caller frees the device blocks."""
-        new = [b for b in blocks if b not in self._moved]
+        new = [b for b in blocks if b not in self._moved and b != HOLE]
         if len(new) > self.host_free():
             return None
         host, out = self.host, []
         for b in blocks:
+            if b == HOLE:  # a hole stays a hole in the host table
+                out.append(HOLE)
+                continue
             h = self._moved.get(b)
             if h is None:
                 h = self._moved[b] = host.take()
@@ -286,6 +340,8 @@ class PoolEdit:
         """Move host blocks into device ``blocks`` (already allocated); the
         host references are dropped at ``finish``."""
         for h, b in zip(host_table, blocks):
+            if h == HOLE:
+                continue
             self.swaps_in.append((h, b))
             self.host_release.append(h)
 
@@ -361,7 +417,8 @@ def fork(pool: BlockPool, table: Iterable[int]) -> BlockPool:
     """A child sequence shares every block of ``table`` (one more reference each)."""
     e = PoolEdit(pool)
     for b in table:
-        e.incref(b)
+        if b != HOLE:
+            e.incref(b)
     return e.finish()
 
 
@@ -374,6 +431,15 @@ def make_writable(
     if not e.writable(t, j, copies):
         return None
     return e.finish(), tuple(t), tuple(copies)
+
+
+def release_outside_window(
+    pool: BlockPool, table: tuple[int, ...], pos: int, window: int | None
+) -> tuple[BlockPool, tuple[int, ...]]:
+    """:meth:`PoolEdit.punch` as a pure function: the new pool and table."""
+    e = PoolEdit(pool)
+    t = e.punch(tuple(table), pos, window)
+    return e.finish(), t
 
 
 def lookup_prefix(pool: BlockPool, hashes: Iterable[bytes]) -> tuple[int, ...]:
@@ -431,13 +497,16 @@ def swap_out(pool: BlockPool, table: Sequence[int]) -> tuple[BlockPool, tuple[in
 
 def swap_in(pool: BlockPool, host_table: Sequence[int]) -> tuple[BlockPool, tuple[int, ...], tuple] | None:
     """Bring a host table back into new device blocks: the new pool, the
-    device table and the (host, device) moves; None when the device lacks room."""
+    device table and the (host, device) moves; None when the device lacks room.
+    Holes stay holes."""
     e = PoolEdit(pool)
-    got = e.allocate(len(host_table))
+    holes = sum(1 for h in host_table if h == HOLE)
+    got = e.allocate(len(host_table) - holes)
     if got is None:
         return None
-    e.swap_in(host_table, got)
-    return e.finish(), tuple(got), tuple(e.swaps_in)
+    table = [HOLE] * holes + got
+    e.swap_in(host_table, table)
+    return e.finish(), tuple(table), tuple(e.swaps_in)
 
 
 def allocate_offloading(pool: BlockPool, n: int) -> tuple[BlockPool, tuple[int, ...], tuple] | None:

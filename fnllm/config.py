@@ -25,12 +25,17 @@ def _positive(name: str, value: int) -> None:
 class CacheConfig:
     """Paged KV cache: ``num_blocks`` device blocks of ``block_size`` tokens
     each, plus ``num_host_blocks`` host blocks (vLLM's ``swap_space``, counted
-    in blocks by the shell) for swap preemption and the host prefix cache."""
+    in blocks by the shell) for swap preemption and the host prefix cache.
+    ``sliding_window`` (the model's, e.g. Mistral's; None: full attention):
+    a token attends to the last ``sliding_window`` positions only (itself
+    included), so blocks wholly before every running sequence's window are
+    released (holes in its table; :mod:`fnllm.blocks`)."""
 
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
     num_host_blocks: int = 0
+    sliding_window: int | None = None
 
     def __attrs_post_init__(self) -> None:
         bs = self.block_size
@@ -43,6 +48,9 @@ class CacheConfig:
         h = self.num_host_blocks
         if not isinstance(h, int) or isinstance(h, bool) or h < 0:
             raise ValueError(f"num_host_blocks must be an integer >= 0, got {h!r}")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {w!r}")
 
 
 @attrs.frozen(kw_only=True)

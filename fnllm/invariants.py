@@ -13,6 +13,13 @@ Tiers add three (to DESIGN.md section 6):
 19. No plan reads a block that is not on the device: every block a row reads
     was on the device with that content before the step, or is brought there
     by the plan's own swap_in or copies; swaps name blocks of the right tier.
+Sliding window adds one:
+20. Holes (:data:`~fnllm.state.HOLE` entries, released blocks) exist only
+    with a sliding window, form a leading run of a running or swapped
+    sequence's table, and end at or before ``first_window_block(num_computed)``,
+    the first block its next step reads; no plan row is handed a hole at or
+    after ``first_window_block(position)`` (so the device never reads one).
+    Holes hold no reference in any tier.
 Properties over whole runs (10, 11, 13 and 12's "chunks concatenate to the
 prompt") are checked by the property tests with these as building blocks.
 O(pool): for tests and debugging, never the hot path.
@@ -23,9 +30,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from fnllm.blocks import NO_BLOCK, free_blocks, hash_block
+from fnllm.blocks import NO_BLOCK, first_window_block, free_blocks, hash_block
 from fnllm.config import EngineConfig
-from fnllm.state import COLUMNS, BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
+from fnllm.state import COLUMNS, HOLE, BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
 
 
 def _fail(n: int, msg: str) -> None:
@@ -60,7 +67,7 @@ def check_pool(pool: BlockPool, tables: Iterable[tuple[int, ...]]) -> None:
     lost = set(range(pool.num_blocks)) - set(free) - set(pool.ref.keys())
     if lost:
         _fail(1, f"blocks {sorted(lost)[:10]} are neither free nor referenced (lost)")
-    holders = Counter(b for t in tables for b in t)
+    holders = Counter(b for t in tables for b in t if b != HOLE)
     for b, r in pool.ref.items():
         if r != holders.get(b, 0):
             _fail(2, f"block {b} has reference count {r} but {holders.get(b, 0)} tables hold it")
@@ -103,8 +110,10 @@ def check_tiers(state: EngineState, config: EngineConfig) -> None:
                 _fail(17, f"swapped seq {s.seq_id} holds {len(s.swapped)} host blocks for {s.num_computed} of {total} tokens")
         elif s.num_computed:
             _fail(17, f"waiting seq {s.seq_id} counts {s.num_computed} computed tokens but holds no KV")
+        if s.swapped:
+            check_holes(s.swapped, s.num_computed, config, f"swapped seq {s.seq_id}")
     for t in state.running.tables:
-        if any(not 0 <= b < pool.num_blocks for b in t):
+        if any(not 0 <= b < pool.num_blocks for b in t if b != HOLE):
             _fail(17, f"a running table holds ids outside the device pool: {list(t)[:10]}")
     both = set(pool.by_hash.keys()) & set(host.by_hash.keys())
     if both:
@@ -134,16 +143,34 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
             _fail(12, f"seq {run.seq_ids[i]} has num_computed {nc} outside (0, {total}]")
         if len(table) != -(-nc // bs):
             _fail(3, f"seq {run.seq_ids[i]} holds {len(table)} blocks for {nc} computed tokens (block size {bs})")
+        check_holes(table, nc, config, f"seq {run.seq_ids[i]}")
         _check_cached_content(state, i, req)
     _check_places(state)
     if not state.requests and pool.num_free != pool.num_blocks:
         _fail(6, f"no live request but {pool.num_blocks - pool.num_free} blocks are held: {sorted(pool.ref.keys())[:10]}")
 
 
+def check_holes(table: tuple[int, ...], nc: int, config: EngineConfig, who: str) -> None:
+    """Invariant 20 for one table whose next step starts at ``nc``."""
+    holes = 0
+    while holes < len(table) and table[holes] == HOLE:
+        holes += 1
+    if HOLE in table[holes:]:
+        _fail(20, f"{who}'s holes are not a leading run: {list(table)[:12]}")
+    w = config.cache.sliding_window
+    if holes and not w:
+        _fail(20, f"{who} has {holes} holes without a sliding window")
+    if holes > first_window_block(nc, w, config.cache.block_size):
+        _fail(20, f"{who} has {holes} holes but its next step (at {nc}) reads from block "
+                  f"{first_window_block(nc, w, config.cache.block_size)}")
+
+
 def _check_cached_content(state: EngineState, i: int, req) -> None:
     """Invariant 5 from the sequence side: a cached block it holds has its tokens."""
     run, pool, bs = state.running, state.pool, state.pool.block_size
     for j, b in enumerate(run.tables[i][: run.num_computed[i] // bs]):
+        if b == HOLE:
+            continue
         content = pool.content.get(b)
         if content is None:
             continue
@@ -246,7 +273,7 @@ def _check_swaps(before: EngineState, after: EngineState, plan: BatchPlan) -> No
     for s in after.waiting:
         if s.swapped and s.seq_id in was:  # swapped out by this plan
             for j, h in enumerate(s.swapped):
-                if source.get(h) != was[s.seq_id][j]:
+                if h != HOLE and source.get(h) != was[s.seq_id][j]:
                     _fail(19, f"seq {s.seq_id}'s host block {h} is not written from its device block {was[s.seq_id][j]}")
 
 
@@ -261,7 +288,11 @@ def check_plan_reads(before: EngineState, after: EngineState, plan: BatchPlan, c
     for r, sid in enumerate(plan.seq_ids):
         table, pos = plan.block_tables[r], plan.positions[r]
         old = was.get(sid, ())
-        for j, b in enumerate(table[: -(-(pos + len(plan.token_ids[r])) // bs)]):
+        first = first_window_block(pos, config.cache.sliding_window, bs)
+        for j in range(first, -(-(pos + len(plan.token_ids[r])) // bs)):
+            b = table[j]
+            if b == HOLE:
+                _fail(20, f"seq {sid} is handed a hole at block {j}, inside the window of position {pos}")
             if not 0 <= b < after.pool.num_blocks or after.pool.ref.get(b, 0) < 1:
                 _fail(19, f"seq {sid} reads block {b}, which is not a held device block")
             if j * bs >= pos:

@@ -55,6 +55,21 @@ def insert_waiting(state_requests, waiting: tuple[Seq, ...], seqs: list[Seq], po
     return tuple(out)
 
 
+def max_blocks_held(total: int, config: EngineConfig) -> int:
+    """The most device blocks one sequence of ``total`` tokens (prompt +
+    max_tokens) holds at once. Without a window, all but the last token's.
+    With a sliding window W, a step computing ``n <= cap`` tokens from
+    position ``pos`` holds blocks ``first_window_block(pos) ..
+    (pos + n - 1) // bs`` only (its older blocks were released first): at
+    most ``ceil((W + n + bs - 2) / bs)``."""
+    bs, sched, w = config.cache.block_size, config.scheduler, config.cache.sliding_window
+    need = blocks_for(total - 1, bs)
+    if w:
+        cap = min(sched.long_prefill_token_threshold or sched.max_num_batched_tokens, total - 1)
+        need = min(need, blocks_for(w + cap + bs - 2, bs))
+    return need
+
+
 def validate_request(state: EngineState, request: Request, config: EngineConfig) -> str | None:
     """Why ``request`` can never be served, or None."""
     prompt = request.prompt_token_ids
@@ -81,7 +96,7 @@ def validate_request(state: EngineState, request: Request, config: EngineConfig)
             f"prompt ({len(prompt)} tokens) + max_tokens ({sp.max_tokens}) = {total} "
             f"exceeds max_model_len={sched.max_model_len}"
         )
-    need = blocks_for(total - 1, cache.block_size)
+    need = max_blocks_held(total, config)
     if need > cache.num_blocks:
         return (
             f"request needs {need} KV blocks of {cache.block_size} tokens, "

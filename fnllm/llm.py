@@ -264,7 +264,7 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
         model=ModelConfig(model=path, dtype=dtype, device=device, seed=seed, vocab_size=dcfg.vocab_size,
                           eos_token_ids=eos, max_logprobs=max_logprobs),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
-                          num_host_blocks=num_host_blocks),
+                          num_host_blocks=num_host_blocks, sliding_window=dcfg.sliding_window),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_len, policy=policy,
             enable_chunked_prefill=enable_chunked_prefill, long_prefill_token_threshold=long_prefill_token_threshold,

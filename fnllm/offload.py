@@ -67,6 +67,30 @@ class KVOffload:
                 del self._prompts[rid]
 
 
+def replay_stager(executor, directory: str):
+    """For re-executing a trace with disk hits: a ``replay_steps`` hook that
+    fills the host blocks a recorded ``stage`` event names with the same
+    verified files of the disk tier under ``directory`` (read only), so the
+    replay swaps in the bytes the recorded run did. ``ValueError`` naming the
+    block when a file is gone or fails its checks."""
+    cfg = executor.config
+    shape = (cfg.num_layers, 2, executor.block_size, cfg.num_kv_heads, cfg.head_dim)
+    if executor.host_kv is None:
+        raise ValueError("replaying disk-tier reads needs an executor with a host tier (num_host_blocks > 0)")
+    disk = DiskKV(str(directory), model_fingerprint(executor), 1 << 62, shape, executor.dtype)
+
+    def fill(state, event, host_blocks) -> None:
+        req = state.requests[event["request_id"]]
+        for j, hb in enumerate(host_blocks, start=event["first"]):
+            kv = disk.read(req.block_hashes[j])
+            if kv is None:
+                raise ValueError(f"block {j} of request {event['request_id']!r} ({req.block_hashes[j].hex()}) is no "
+                                 f"longer in the disk tier under {directory}: the run cannot be re-executed")
+            executor.host_kv.write(hb, kv)
+
+    return fill
+
+
 def open_offload(executor, directory: str, max_bytes: int) -> KVOffload:
     """The disk tier for ``executor``'s model under ``directory``."""
     cfg = executor.config

@@ -93,11 +93,17 @@ def _first_token_diff(step: int, plan, expected: StepOutput, actual: StepOutput,
     return None
 
 
-def verify_device(trace: Trace, executor: Executor, *, logprob_tol: float = 1e-4) -> Divergence | None:
-    """Re-execute every replayed plan; the first output that differs from the recording."""
+def verify_device(trace: Trace, executor: Executor, *, logprob_tol: float = 1e-4, on_stage=None) -> Divergence | None:
+    """Re-execute every replayed plan; the first output that differs from the
+    recording. A trace with disk-tier reads (``stage`` events) needs
+    ``on_stage`` to fill the host blocks they name (e.g.
+    :func:`fnllm.offload.replay_stager`); without it, ``ValueError``."""
     from fnllm.trace import output_from_json
 
-    for rs in replay_steps(trace):
+    if on_stage is None and any(e["type"] == "stage" for e in trace.events):
+        raise ValueError("the trace reads KV blocks from a disk tier: re-executing it needs that directory "
+                         "(fnllm replay --kv-offload-dir DIR)")
+    for rs in replay_steps(trace, on_stage=on_stage):
         if not len(rs.plan):
             continue
         got = executor.execute(rs.plan)

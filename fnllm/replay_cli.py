@@ -19,6 +19,8 @@ def add_replay_parser(sub) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="what-if: replay under a changed config")
     r.add_argument("--executor", choices=("fake", "model"), default="fake", help="what drives a what-if run")
     r.add_argument("--against", default=None, help="a second trace: find the first step where they differ")
+    r.add_argument("--kv-offload-dir", default=None,
+                   help="with --device: the disk KV tier the recorded run read from (its staged blocks are re-read)")
     r.set_defaults(run=run_replay)
 
 
@@ -26,7 +28,8 @@ def _model_executor(config, device: str):
     from fnllm.device.executor import ModelExecutor
 
     m, c = config.model, config.cache
-    return ModelExecutor(m.model, dtype=m.dtype, device=device, num_blocks=c.num_blocks, block_size=c.block_size, seed=m.seed)
+    return ModelExecutor(m.model, dtype=m.dtype, device=device, num_blocks=c.num_blocks, block_size=c.block_size, seed=m.seed,
+                         num_host_blocks=c.num_host_blocks)
 
 
 def _what_if(trace, args) -> int:
@@ -42,7 +45,8 @@ def _what_if(trace, args) -> int:
             return _model_executor(config, args.device or config.model.device)
         from fnllm.device.fake import FakeExecutor
 
-        return FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size)
+        return FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size,
+                            sliding_window=config.cache.sliding_window)
 
     base, other, changed = what_if(trace, overrides, make)
     print(f"what-if {overrides} (outputs from the {args.executor} executor):")
@@ -62,7 +66,15 @@ def run_replay(args) -> int:
     elif args.set:
         return _what_if(trace, args)
     elif args.device:
-        d = verify(trace) or verify_device(trace, _model_executor(trace.config, args.device))
+        d = verify(trace)
+        if d is None:
+            ex = _model_executor(trace.config, args.device)
+            stager = None
+            if args.kv_offload_dir:
+                from fnllm.offload import replay_stager
+
+                stager = replay_stager(ex, args.kv_offload_dir)
+            d = verify_device(trace, ex, on_stage=stager)
     else:
         d = verify(trace)
     if d is None:

@@ -18,6 +18,11 @@ out and back in by one plan. With prefix caching and a host tier, a cached
 block evicted by an allocation is offloaded to the host tier (``swap_out``),
 and the device runs every swap_out before any swap_in.
 
+Sliding window: before anything is planned, every running row releases the
+blocks wholly outside the window of its next position (holes, see
+:mod:`fnllm.blocks`), so their room serves this very step; an admitted
+sequence takes only the cached blocks inside its window.
+
 The returned state already counts the planned tokens as computed and holds
 their blocks; ``commit`` adds the sampled tokens. Every block a plan row
 writes into has reference count 1 (shared partial blocks are copied first,
@@ -35,10 +40,10 @@ from operator import add, attrgetter, itemgetter, mod, not_, sub
 
 import attrs
 
-from fnllm.blocks import PoolEdit
+from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import blocks_for, insert_waiting
-from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
+from fnllm.state import COLUMNS, HOLE, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
 
 
 _get_n = attrgetter("n")
@@ -68,6 +73,7 @@ class _Step:
         self.requests = state.requests
         self.edit = PoolEdit(state.pool, offload=host_cache_on(config))
         self.swap = sc.preemption_mode == "swap"
+        self.window = config.cache.sliding_window
         self.queries = self.hits = 0
         run = state.running
         self.cols = {c: list(getattr(run, c)) for c in COLUMNS}
@@ -129,6 +135,8 @@ class _Step:
         c, edit, bs, rows = self.cols, self.edit, self.bs, self.rows
         ncs, nts, nouts, tables, outs = c["num_computed"], c["num_tokens"], c["num_output"], c["tables"], c["outputs"]
         ref = edit.ref
+        if self.window:
+            punch_all(edit, ncs, tables, self.window)
         for i in range(len(self.live)):
             if self.budget <= 0:
                 break
@@ -234,7 +242,11 @@ class _Step:
         new = self._new_tokens(req, total, nc)
         if new is None:
             return False
-        need = blocks_for(nc + new, bs) - len(hits)
+        # hits before the window of position nc are counted, never read: holes
+        holes = first_window_block(nc, self.window, bs)
+        skip_host = max(0, holes - len(hits))
+        hits, host_hits = hits[holes:], host_hits[skip_host:]
+        need = blocks_for(nc + new, bs) - holes - len(hits)
         evictable = sum(1 for b in hits if edit.ref.get(b, 0) == 0)
         if edit.num_free - evictable < need:
             return self._no_room(req, need, edit.num_free - evictable)
@@ -246,20 +258,22 @@ class _Step:
         for h in host_hits:  # pinned before allocating: an offload must not evict them
             edit.host.incref(h)
         fresh = edit.allocate(need)
-        edit.move_host_hits(host_hits, fresh, seq.hashes[len(hits) :])
-        self._add_row(seq, req, nc, total, new, tuple(hits + fresh))
+        edit.move_host_hits(host_hits, fresh, seq.hashes[holes + len(hits) :])
+        self._add_row(seq, req, nc, total, new, (HOLE,) * holes + tuple(hits + fresh))
         return True
 
     def _admit_swapped(self, seq: Seq, req: Request, total: int) -> bool:
-        """Readmit a swapped sequence: all its host blocks come back at once."""
+        """Readmit a swapped sequence: all its host blocks come back at once
+        (its holes stay holes)."""
         nc = seq.num_computed
         new = self._new_tokens(req, total, nc)
         if new is None:
             return False
-        need = blocks_for(nc + new, self.bs)
+        holes = seq.swapped.count(HOLE)
+        need = blocks_for(nc + new, self.bs) - holes
         if self.edit.num_free < need:
             return self._no_room(req, need, self.edit.num_free)
-        table = self.edit.allocate(need)
+        table = [HOLE] * holes + self.edit.allocate(need)
         self.edit.swap_in(seq.swapped, table)
         self._add_row(seq, req, nc, total, new, tuple(table))
         return True
@@ -328,6 +342,15 @@ def schedule_general(state: EngineState, config: EngineConfig) -> tuple[EngineSt
     return step.finish(admitted)
 
 
+def punch_all(edit: PoolEdit, ncs: list[int], tables: list[tuple[int, ...]], window: int) -> None:
+    """Release, in row order, every running row's blocks before the window of
+    its next position (``tables`` updated in place)."""
+    bs = edit.pool.block_size
+    for i, nc in enumerate(ncs):
+        if nc - window + 1 >= bs:
+            tables[i] = edit.punch(tables[i], nc, window)
+
+
 def host_cache_on(config: EngineConfig) -> bool:
     """Evicted cached device blocks go to the host tier (the host prefix cache)."""
     return config.cache.enable_prefix_caching and config.cache.num_host_blocks > 0
@@ -355,12 +378,18 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
     rem = list(map(mod, ncs, repeat(bs)))
     tables = run.tables
     swap_out = ()
-    if 0 in rem:
-        boundary = list(compress(range(n), map(not_, rem)))
-        if len(boundary) > pool.num_free:
-            return None
+    boundary = list(compress(range(n), map(not_, rem))) if 0 in rem else ()
+    window = config.cache.sliding_window
+    # a row has blocks to release when the block before its first window block is not yet a hole
+    punching = window and any([c - window + 1 >= bs and t[(c - window + 1) // bs - 1] != HOLE
+                               for c, t in zip(ncs, tables)])
+    if boundary or punching:
         edit = PoolEdit(pool, offload=host_cache_on(config))
         tables = list(tables)
+        if punching:
+            punch_all(edit, list(ncs), tables, window)
+        if len(boundary) > edit.num_free:
+            return None
         for i in boundary:
             tables[i] = tables[i] + (edit.take(),)
         tables = tuple(tables)

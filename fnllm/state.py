@@ -25,6 +25,11 @@ EMPTY_MAP: Map = Map()
 
 Cons = Optional[tuple]  # (token, Cons) | None, newest token first
 
+# A block-table entry that holds no block: with a sliding window, the leading
+# blocks of a sequence that lie wholly outside its window are released and
+# their entries become holes (see fnllm.blocks). The device never reads one.
+HOLE = -1
+
 
 class InvariantError(AssertionError):
     """A broken invariant: always a bug in fnllm, never bad input."""
@@ -216,8 +221,10 @@ class Running:
 
     ``num_computed[i]`` counts tokens whose KV is in the cache (or is being
     written by the step already planned); ``tables[i]`` holds exactly
-    ceil(num_computed / block_size) blocks; ``hashes[i]`` is the chain of
-    block hashes of the sequence's full computed blocks.
+    ceil(num_computed / block_size) entries, of which a leading run may be
+    :data:`HOLE` (sliding window: blocks released outside the window);
+    ``hashes[i]`` is the chain of block hashes of the sequence's full
+    computed blocks.
     """
 
     seq_ids: tuple[int, ...] = ()
@@ -319,6 +326,9 @@ class BatchPlan:
     not the last; ``n`` on the step that forks a request into ``n`` samples).
     The random stream of sample ``j`` of row ``i`` is a function of
     ``(sampling[i].seed, sample_index[i] + j, output_pos[i])`` only.
+    With a sliding window, a table's leading entries may be :data:`HOLE`;
+    a row never reads them (its queries attend only to positions from
+    ``positions[i] - sliding_window + 1`` on).
     ``copies`` are (src, dst) block copies the device makes before the forward.
     ``swap_out`` are (device, host) and ``swap_in`` (host, device) block
     moves between tiers. The device runs them in the order swap_out,

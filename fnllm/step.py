@@ -20,7 +20,7 @@ import attrs
 from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
 from fnllm.schedule import schedule
-from fnllm.state import COLUMNS, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, seq_tokens
+from fnllm.state import COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, seq_tokens
 
 
 def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
@@ -97,6 +97,8 @@ class _Commit:
         """Rows for children 1..n_children of row ``i``, sharing its blocks."""
         c, rows = self.cols, []
         for b in c["tables"][i]:
+            if b == HOLE:  # a child shares its parent's holes too
+                continue
             for _ in range(n_children):
                 self.edit.incref(b)
         first_id = self.state.next_seq_id + len(c["seq_ids"]) - len(self.state.running)

@@ -248,10 +248,19 @@ def apply_event(state: EngineState, event: dict, config: EngineConfig) -> Engine
     raise ValueError(f"unknown trace event type {kind!r}")
 
 
-def replay_steps(trace: Trace, config: EngineConfig | None = None) -> Iterator[ReplayStep]:
+def staged_host_blocks(before: EngineState, after: EngineState, event: dict) -> tuple[int, ...]:
+    """The host blocks a replayed ``stage`` event named, in block order."""
+    req = after.requests[event["request_id"]]
+    hashes = req.block_hashes[event["first"] : event["first"] + event["count"]]
+    return tuple(after.pool.host.by_hash[h] for h in hashes)
+
+
+def replay_steps(trace: Trace, config: EngineConfig | None = None, on_stage=None) -> Iterator[ReplayStep]:
     """Re-run the recorded events and device outputs through the pure core,
     yielding every step (digests are compared by the caller). Input events
-    are applied by their recorded step number, not their place in the file."""
+    are applied by their recorded step number, not their place in the file.
+    ``on_stage(state, event, host_blocks)`` is called after each ``stage``
+    event with the host blocks it named (a device replay fills them)."""
     config = config or trace.config
     state = initial_state(config)
     inputs = [ev for ev in trace.events if ev["type"] != "step"]
@@ -259,6 +268,11 @@ def replay_steps(trace: Trace, config: EngineConfig | None = None) -> Iterator[R
         if ev["type"] != "step":
             continue
         for e in [e for e in inputs if e["step"] <= ev["step"]]:
+            if e["type"] == "stage" and on_stage is not None:
+                was = state
+                state = apply_event(state, e, config)
+                on_stage(state, e, staged_host_blocks(was, state, e))
+                continue
             state = apply_event(state, e, config)
         inputs = [e for e in inputs if e["step"] > ev["step"]]
         before = state

@@ -5,7 +5,12 @@ Rows keep the plan's order; row ``i``'s new tokens are the flat tokens
 ``context_lens[i] .. seq_lens[i]-1``. A token at position ``p`` of row ``i``
 lives in slot ``block_tables[i][p // block_size] * block_size + p % block_size``.
 ``block_tables`` is padded to a rectangle with block 0 (never read: every
-read is bounded by ``seq_lens``). ``logits_indices`` holds the flat index of
+read is bounded by ``seq_lens``). With a sliding window W, row ``i``'s
+queries read keys from position ``max(0, context_lens[i] - W + 1)`` on, so
+its blocks before ``first_blocks[i]`` are never read: there the plan may
+hold :data:`~fnllm.state.HOLE` (-1), which stays in ``block_tables`` (a
+backend must not index it); a hole at or after ``first_blocks[i]`` is a
+``ValueError``. ``logits_indices`` holds the flat index of
 the last token of each row that samples, in row order (``sample_rows``).
 """
 
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fnllm.state import BatchPlan
+from fnllm.state import HOLE, BatchPlan
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,13 @@ class HostBatch:
     block_tables: np.ndarray  # int32 [B, max_blocks]
     logits_indices: np.ndarray  # int64 [S]
     sample_rows: np.ndarray  # int64 [S]
+    first_blocks: np.ndarray | None = None  # int32 [B]: the first block each row reads (None: 0)
+    sliding_window: int | None = None
+
+    @property
+    def read_start(self) -> np.ndarray:
+        """int32 [B]: ``first_blocks`` (zeros without a window)."""
+        return self.first_blocks if self.first_blocks is not None else np.zeros(self.num_rows, dtype=np.int32)
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +77,18 @@ def _check_bounds(positions: np.ndarray, tables: np.ndarray, num_blocks: int | N
         raise ValueError(f"plan block id {bad} is outside the KV cache of {num_blocks} blocks")
 
 
+def _check_holes(tables: np.ndarray, table_lens: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``tables`` with the holes before each row's ``first`` block replaced by
+    block 0, for the bounds check only; a hole a row reads is a ValueError."""
+    cols = np.arange(tables.shape[1])[None, :]
+    read = (cols >= first[:, None]) & (cols < table_lens[:, None])
+    bad = np.argwhere(read & (tables == HOLE))
+    if bad.size:
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(f"plan row {i} reads a hole (block {j} of its table, from block {int(first[i])} on it reads)")
+    return np.where(tables == HOLE, 0, tables)
+
+
 def build_host_batch(
     plan: BatchPlan,
     block_size: int,
@@ -72,6 +96,7 @@ def build_host_batch(
     *,
     num_blocks: int | None = None,
     max_positions: int | None = None,
+    sliding_window: int | None = None,
 ) -> HostBatch:
     """Flatten ``plan``; raises ``ValueError`` on a plan that is not self-consistent,
     or (when the bounds are given) that addresses a block or position that does not exist."""
@@ -97,7 +122,11 @@ def build_host_batch(
     row_of = np.repeat(np.arange(rows), query_lens)
     positions = (np.arange(total) - qsl[:-1][row_of] + context_lens[row_of]).astype(np.int64)
     tables = _block_table_array(plan.block_tables, rows)
-    _check_bounds(positions, tables, num_blocks, max_positions)
+    first = None
+    if sliding_window:
+        first = (np.maximum(context_lens - sliding_window + 1, 0) // block_size).astype(np.int32)
+    _check_bounds(positions, _check_holes(tables, table_lens, first if first is not None else np.zeros(rows, np.int32)),
+                  num_blocks, max_positions)
     slot_mapping = tables[row_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
     num_samples = np.asarray(plan.num_samples, dtype=np.int64).reshape(rows)
     sample_rows = np.nonzero(num_samples > 0)[0].astype(np.int64)
@@ -113,4 +142,6 @@ def build_host_batch(
         block_tables=tables,
         logits_indices=(qsl[1:][sample_rows] - 1).astype(np.int64),
         sample_rows=sample_rows,
+        first_blocks=first,
+        sliding_window=sliding_window or None,
     )

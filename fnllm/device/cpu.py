@@ -11,7 +11,9 @@ repeated heads, no mask when nothing is padded); several rows with few KV
 heads through two batched matmuls with block-diagonal queries (every head's
 keys are read in one contiguous matmul), softmax in float32. Rows with
 several new tokens (prompt chunks) use SDPA, causal within the chunk and over
-the whole cached context before it. On CPU the projection weights are
+the whole cached context before it. With a sliding window (``batch.sliding_window``)
+a row gathers only its blocks from ``batch.first_blocks`` on (holes before
+them are never indexed) and masks keys outside each query's window. On CPU the projection weights are
 repacked once into oneDNN's blocked layout (``linear`` then calls
 ``mkldnn._linear_pointwise``), which halves the time of a decode step's
 matmuls on this class of machine."""
@@ -82,8 +84,9 @@ class PrefillMeta:
     start: int
     end: int
     context: int  # tokens cached before this chunk
-    blocks: torch.Tensor  # the row's blocks covering its whole sequence
-    mask: torch.Tensor | None  # [n, seq_len] bool; None: causal over the chunk alone
+    blocks: torch.Tensor  # the row's blocks it reads (from its first window block to its end)
+    mask: torch.Tensor | None  # [n, keys] bool; None: causal over the chunk alone
+    gather: bool = True  # keys from the cache (``blocks``); False: the chunk's own k, v
 
 
 @dataclass
@@ -140,28 +143,43 @@ class TorchBackend:
             sin=torch.cat((-sin, sin), -1).unsqueeze(1).to(self.dtype),
         )
         is_decode = batch.query_lens == 1
-        for rows in decode_groups(batch.seq_lens, np.nonzero(is_decode)[0], self.block_size):
+        read_lens = batch.seq_lens - batch.read_start * self.block_size  # keys each row reads
+        for rows in decode_groups(read_lens, np.nonzero(is_decode)[0], self.block_size):
             meta.decodes.append(self._decode_meta(batch, rows))
         for i in np.nonzero(~is_decode)[0]:
             meta.prefills.append(self._prefill_meta(batch, int(i)))
         return meta
 
     def _decode_meta(self, batch: HostBatch, rows: np.ndarray) -> DecodeMeta:
+        bs = self.block_size
         seq_lens = batch.seq_lens[rows]
-        longest = int(seq_lens.max())
-        nbm = -(-longest // self.block_size)
+        first = batch.read_start[rows].astype(np.int64)
+        rel = seq_lens - first * bs  # keys from the row's first read block on
+        lo = np.zeros_like(rel) if not batch.sliding_window else np.maximum(seq_lens - batch.sliding_window, 0) - first * bs
+        longest = int(rel.max())
+        nbm = -(-longest // bs)
         sdpa = not self.block_diag or len(rows) < BMM_DECODE_MIN_ROWS
-        if sdpa:  # mask each row's padding, when rows differ in length
+        if sdpa:  # mask each row's padding (and keys before its window), when rows differ
             mask = None
-            if int(seq_lens.min()) != longest:
-                mask = self._tensor((np.arange(longest)[None, :] < seq_lens[:, None])[:, None, None, :])
+            if int(rel.min()) != longest or int(lo.max()) > 0:
+                span = np.arange(longest)[None, :]
+                mask = self._tensor(((span >= lo[:, None]) & (span < rel[:, None]))[:, None, None, :])
         else:
-            span = np.arange(nbm * self.block_size)
-            mask = self._tensor(np.where(span[None, :] < seq_lens[:, None], 0.0, -np.inf).astype(np.float32)[:, None, :])
+            span = np.arange(nbm * bs)[None, :]
+            keep = (span >= lo[:, None]) & (span < rel[:, None])
+            mask = self._tensor(np.where(keep, 0.0, -np.inf).astype(np.float32)[:, None, :])
         all_tokens = len(rows) == batch.num_tokens  # then rows are 0..T-1 in order
+        if batch.first_blocks is None:
+            table = batch.block_tables[rows, :nbm]
+        else:  # each row's blocks from its first read one (holes before it are never indexed)
+            k = np.arange(nbm)[None, :]
+            used = -(-rel // bs)
+            idx = np.minimum(first[:, None] + k, batch.block_tables.shape[1] - 1)
+            table = batch.block_tables[rows[:, None], idx]
+            table = np.where(k < used[:, None], table, table[:, :1])  # padding: the row's own first block
         return DecodeMeta(
             token_idx=None if all_tokens else self._tensor(batch.query_start_loc[rows].astype(np.int64)),
-            block_idx=self._tensor(batch.block_tables[rows, :nbm].astype(np.int64).reshape(-1)),
+            block_idx=self._tensor(table.astype(np.int64).reshape(-1)),
             mask=mask,
             num_rows=len(rows),
             seq_len=longest,
@@ -172,12 +190,19 @@ class TorchBackend:
         start, end = int(batch.query_start_loc[i]), int(batch.query_start_loc[i + 1])
         ctx, seq_len = int(batch.context_lens[i]), int(batch.seq_lens[i])
         nblocks = -(-seq_len // self.block_size)
+        w = batch.sliding_window
+        first = int(batch.read_start[i])
+        off = first * self.block_size  # position of the first key read
+        q_pos = np.arange(ctx, seq_len)[:, None]
+        k_pos = np.arange(off, seq_len)[None, :]
         mask = None
         if ctx:
-            q_pos = np.arange(ctx, seq_len)
-            mask = self._tensor(np.arange(seq_len)[None, :] <= q_pos[:, None])
-        blocks = self._tensor(batch.block_tables[i, :nblocks].astype(np.int64))
-        return PrefillMeta(start, end, ctx, blocks, mask)
+            keep = k_pos <= q_pos
+            mask = self._tensor(keep & (k_pos > q_pos - w) if w else keep)
+        elif w and seq_len > w:  # a first chunk longer than the window: keys are the chunk's own
+            mask = self._tensor((k_pos <= q_pos) & (k_pos > q_pos - w))
+        blocks = self._tensor(batch.block_tables[i, first:nblocks].astype(np.int64))
+        return PrefillMeta(start, end, ctx, blocks, mask, gather=bool(ctx))
 
     # -- elementwise ops ---------------------------------------------------------------
 
@@ -264,7 +289,7 @@ class TorchBackend:
         return o.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, h, d)
 
     def _prefill(self, q, k, v, kv_cache, p: PrefillMeta):
-        if p.mask is None:
+        if not p.gather:
             keys, values = k, v
         else:
             kv = self._gather(kv_cache, p.blocks, "prefill")

@@ -5,7 +5,9 @@ Same functions as :class:`~fnllm.device.cpu.TorchBackend`, fewer passes:
 instead of 3-8 ATen ops, and decode rows attend with a paged kernel that
 reads each row's keys and values in place through its block table (one task
 per row and KV head, float32 softmax), so nothing is gathered into a buffer.
-Prompt chunks keep the eager path (SDPA). Selected by ``get_attn_backend``
+With a sliding window the kernel reads each row's last ``window`` keys
+only, from the block holding the first of them (holes before it are never
+indexed). Prompt chunks keep the eager path (SDPA). Selected by ``get_attn_backend``
 for ``torch`` on CPU in float32/bfloat16 when the kernels build;
 ``FNLLM_CPU_KERNELS=0`` keeps the eager backend.
 """
@@ -35,12 +37,14 @@ class FusedCpuBackend(TorchBackend):
         super().__init__(cfg, block_size=block_size, device=device, dtype=dtype)
         self.k = kernels
         self._cos_sin: torch.Tensor | None = None
+        self._window = 0  # the current batch's sliding window (0: none)
 
     def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:
         if self._cos_sin is None:
             self._cos_sin = cos_sin_cache.float().contiguous()
         meta = TorchMeta(num_tokens=batch.num_tokens, slot_mapping=self._tensor(batch.slot_mapping), cos=None, sin=None,
                          positions=self._tensor(batch.positions.astype(np.int64)))
+        self._window = batch.sliding_window or 0
         rows = np.nonzero(batch.query_lens == 1)[0]
         if len(rows):
             nbm = -(-int(batch.seq_lens[rows].max()) // self.block_size)
@@ -70,4 +74,4 @@ class FusedCpuBackend(TorchBackend):
         return q, k, qkv[:, (h + kvh) * d :].view(-1, kvh, d)
 
     def _decode(self, q, kv_cache, m: PagedDecodeMeta):
-        return self.k.paged_decode(q.contiguous(), kv_cache, m.block_tables, m.seq_lens, self.scale)
+        return self.k.paged_decode(q.contiguous(), kv_cache, m.block_tables, m.seq_lens, self.scale, self._window)

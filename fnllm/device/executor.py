@@ -151,7 +151,7 @@ class ModelExecutor:
 
     def _host_batch(self, plan: BatchPlan) -> HostBatch:
         return build_host_batch(plan, self.block_size, self.vocab_size, num_blocks=self.num_blocks,
-                                max_positions=self.max_position_embeddings)
+                                max_positions=self.max_position_embeddings, sliding_window=self.config.sliding_window)
 
     @torch.inference_mode()
     def forward(self, batch: HostBatch) -> torch.Tensor | None:

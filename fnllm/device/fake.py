@@ -11,7 +11,10 @@ sizes, budgets or preemption is a scheduler bug. Host blocks (the swap
 tier) are emulated too: ``swap_out`` copies a device block to a host block,
 ``swap_in`` copies it back (in that order, before copies and the forward),
 so a missed, misdirected or reordered swap reads other tokens or unwritten
-KV. Imports no torch.
+KV. With ``sliding_window`` W, a row reads only the positions its queries
+attend to (from ``position - W + 1`` on), the next token is a function of
+the last W tokens, and a hole (:data:`~fnllm.state.HOLE`) or unwritten slot
+in that range is a :class:`KVReadError`. Imports no torch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from fnllm.state import BatchPlan, StepOutput
+from fnllm.state import HOLE, BatchPlan, StepOutput
 
 
 class KVReadError(AssertionError):
@@ -39,9 +42,11 @@ class FakeExecutor:
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, vocab_size: int = 97, eos_token_id: int | None = None, eos_every: int = 0
+        self, num_blocks: int, block_size: int, vocab_size: int = 97, eos_token_id: int | None = None, eos_every: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         self.block_size = block_size
+        self.window = sliding_window
         self.vocab_size = vocab_size
         self.eos_token_id, self.eos_every = eos_token_id, eos_every
         self.kv: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
@@ -66,20 +71,35 @@ class FakeExecutor:
         for src, dst in plan.copies:
             kv[dst] = list(kv[src])
         # write every row's KV first, then read, like a real layer does
-        for toks, pos, table in zip(plan.token_ids, plan.positions, plan.block_tables):
+        for r, (toks, pos, table) in enumerate(zip(plan.token_ids, plan.positions, plan.block_tables)):
             for k, t in enumerate(toks):
                 p = pos + k
+                if table[p // bs] == HOLE:
+                    raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) writes position {p} into a hole")
                 kv[table[p // bs]][p % bs] = t
         sampled = []
         for r, (toks, pos, table, n) in enumerate(zip(plan.token_ids, plan.positions, plan.block_tables, plan.num_samples)):
+            end = pos + len(toks)
+            if n == 0 and not self.window:
+                sampled.append(())
+                continue
+            lo = max(0, pos - self.window + 1) if self.window else 0  # what the row's queries read
+            context = self._read(r, plan, table, lo, end)
             if n == 0:
                 sampled.append(())
                 continue
-            end = pos + len(toks)
-            context = tuple(kv[table[p // bs]][p % bs] for p in range(end))
-            if None in context:
-                raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) reads unwritten KV at {context.index(None)}")
+            if self.window:
+                context = context[max(0, len(context) - self.window) :]
             sp, idx, opos = plan.sampling[r], plan.sample_index[r], plan.output_pos[r]
             sampled.append(tuple(self._token(context, sp, idx + j, opos) for j in range(n)))
         self.steps += 1
         return StepOutput(sampled=tuple(sampled))
+
+    def _read(self, r: int, plan: BatchPlan, table, lo: int, end: int) -> tuple:
+        bs, kv = self.block_size, self.kv
+        if any(table[j] == HOLE for j in range(lo // bs, -(-end // bs))):
+            raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) reads a hole in positions {lo}..{end - 1}")
+        context = tuple(kv[table[p // bs]][p % bs] for p in range(lo, end))
+        if None in context:
+            raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) reads unwritten KV at {lo + context.index(None)}")
+        return context

@@ -19,6 +19,17 @@ vllm-ascend calls them (checked against its attention_v1 backend).
   is_neox_style)`` in place on contiguous ``[T, heads*d]`` q and k, the cache
   ``[max_pos, d]`` (cos half, sin half) in the activations' dtype.
 
+Sliding window (``cfg.sliding_window`` = W), as vllm-ascend calls it:
+pure-decode steps use ``npu_fused_infer_attention_score`` with
+``input_layout="BSH"`` (query ``[B, 1, H*d]``), ``pre_tokens=W`` and
+``actual_seq_lengths=[1] * B``; prefill and mixed steps the TND call above
+with ``sparse_mode=4`` (band), ``pre_tokens=W``, ``next_tokens=0``. The
+band is taken to keep keys ``k > q - W`` (Mistral's rule, the meaning
+vllm-ascend gives ``pre_tokens``); not yet checked on hardware. Holes in a
+block table (released blocks, before a row's window) are handed to the
+kernels as block 0, a real block whose keys the band masks, so no kernel
+indexes a missing block.
+
 torch_npu is imported here only, when the backend is built, so the rest of
 fnllm (and a CPU-only install) never needs it. The kernels want block size 128.
 """
@@ -35,6 +46,7 @@ import torch.nn.functional as F
 
 from fnllm.device.batch import HostBatch
 from fnllm.model.model_config import DecoderConfig
+from fnllm.state import HOLE
 
 NPU_BLOCK_SIZE = 128
 MASK_SIZE = 2048  # sparse_mode=3 takes a fixed 2048x2048 causal mask
@@ -70,6 +82,7 @@ class NpuBackend:
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.block_size, self.device, self.dtype = block_size, torch.device(device), dtype
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.window = cfg.sliding_window
         self.mask = torch.triu(torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool), diagonal=1).to(self.device)
         self._cos_sin: torch.Tensor | None = None
 
@@ -80,7 +93,7 @@ class NpuBackend:
         return NpuMeta(
             positions=torch.from_numpy(batch.positions).to(dev),
             slot_mapping=torch.from_numpy(batch.slot_mapping.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(batch.block_tables).to(dev),
+            block_tables=torch.from_numpy(np.where(batch.block_tables == HOLE, 0, batch.block_tables)).to(dev),
             seq_lens=torch.from_numpy(batch.seq_lens.astype(np.int32)),
             seq_lens_list=batch.seq_lens.tolist(),
             query_ends=batch.query_start_loc[1:].tolist(),
@@ -116,6 +129,8 @@ class NpuBackend:
             key=k, value=v, key_cache=key_cache, value_cache=value_cache, slot_indices=meta.slot_mapping
         )
         t = q.shape[0]
+        if self.window and meta.pure_decode:
+            return self._window_decode(q, key_cache, value_cache, meta).view(t, -1)
         if meta.pure_decode:
             out = torch.empty_like(q)
             self.npu._npu_paged_attention(
@@ -138,6 +153,25 @@ class NpuBackend:
             num_key_value_heads=self.num_kv_heads,
             num_heads=self.num_heads,
             scale=self.scale,
-            sparse_mode=3,
+            **(dict(sparse_mode=4, pre_tokens=self.window, next_tokens=0) if self.window else dict(sparse_mode=3)),
         )
         return out.reshape(t, -1)
+
+    def _window_decode(self, q, key_cache, value_cache, meta: NpuMeta):
+        """One new token per row, attending to its last ``window`` keys (BSH layout)."""
+        b, nb = q.shape[0], key_cache.shape[0]
+        out, _ = self.npu.npu_fused_infer_attention_score(
+            q.reshape(b, 1, -1),
+            key_cache.view(nb, self.block_size, -1),
+            value_cache.view(nb, self.block_size, -1),
+            num_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            input_layout="BSH",
+            block_size=self.block_size,
+            pre_tokens=self.window,
+            scale=self.scale,
+            block_table=meta.block_tables,
+            actual_seq_lengths=[1] * b,
+            actual_seq_lengths_kv=meta.seq_lens_list,
+        )
+        return out.reshape(b, self.num_heads, self.head_dim)

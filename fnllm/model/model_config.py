@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-ARCHITECTURES = ("PanguEmbeddedForCausalLM", "LlamaForCausalLM")
+# Mistral is the Llama decoder plus ``sliding_window`` (attention to the last
+# W positions only); all three run the same code (fnllm.model.pangu)
+ARCHITECTURES = ("PanguEmbeddedForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 REQUIRED_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -44,6 +46,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # a token attends to the last W positions (itself included); None: all
 
     @property
     def q_size(self) -> int:
@@ -88,6 +91,18 @@ def _eos(d: dict, source: str) -> tuple[int, ...]:
     if not all(isinstance(t, int) and 0 <= t < d["vocab_size"] for t in eos):
         raise CheckpointError(f"{source}: key 'eos_token_id' holds ids outside the vocabulary: {eos!r}")
     return eos
+
+
+def _sliding_window(d: dict, source: str) -> int | None:
+    """``sliding_window`` (Mistral's key; null or absent: full attention).
+    Qwen2-style configs that carry a window but ``use_sliding_window: false``
+    do not use it."""
+    w = d.get("sliding_window")
+    if w is None or d.get("use_sliding_window", True) is False:
+        return None
+    if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+        raise CheckpointError(f"{source}: key 'sliding_window' must be a positive integer or null, got {w!r}")
+    return w
 
 
 def _architecture(d: dict, source: str) -> str:
@@ -142,4 +157,5 @@ def decoder_config_from_dict(d: dict[str, Any], source: str) -> DecoderConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_eos(d, source),
+        sliding_window=_sliding_window(d, source),
     )

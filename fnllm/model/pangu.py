@@ -215,7 +215,9 @@ class PanguEmbeddedForCausalLM(nn.Module):
 
 
 LlamaForCausalLM = PanguEmbeddedForCausalLM
-MODEL_CLASSES = {"PanguEmbeddedForCausalLM": PanguEmbeddedForCausalLM, "LlamaForCausalLM": LlamaForCausalLM}
+MistralForCausalLM = PanguEmbeddedForCausalLM  # the window lives in the attention backend (DecoderConfig.sliding_window)
+MODEL_CLASSES = {"PanguEmbeddedForCausalLM": PanguEmbeddedForCausalLM, "LlamaForCausalLM": LlamaForCausalLM,
+                 "MistralForCausalLM": MistralForCausalLM}
 
 
 def rope_cos_sin_cache(cfg: DecoderConfig, device) -> torch.Tensor:

@@ -31,7 +31,7 @@ def main(path: str, directory: str, trace: str | None = None) -> None:
 
         recorder = TraceWriter(trace)
     engine = LLMEngine(config, ex, kv_offload=offload, recorder=recorder)
-    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)  # logprobs: replay compares them
     result = {"tokens": [], "cached": []}
     for k, tail in enumerate(TAILS):  # one after the other: the second also hits the first's device blocks
         engine.add_request(f"r{k}", SYSTEM + tail, sp)

@@ -5,6 +5,10 @@ It checks the call conventions the real kernels insist on (int32 slots and
 block tables, host ``context_lens``, TND layout with cumulative query ends,
 sparse_mode 3 with a 2048x2048 upper-triangular mask, contiguous rotary
 inputs), so a backend that passes here calls the real operators correctly.
+Sliding window: ``sparse_mode=4`` (band) with ``pre_tokens`` and
+``next_tokens=0`` in TND, or the BSH decode call with ``pre_tokens``; a
+query at position q keeps keys k with ``q - pre_tokens < k <= q`` (the
+meaning vllm-ascend gives it for Mistral's window; unverified on hardware).
 Tests install it as ``sys.modules["torch_npu"]``.
 """
 
@@ -66,14 +70,18 @@ def _npu_reshape_and_cache(key, value, key_cache, value_cache, slot_indices):
     value_cache.view(-1, kvh, d)[slots] = value.reshape(-1, kvh, d)
 
 
-def _attend(q, keys, values, scale, num_heads, num_kv_heads, context):
-    """q [n, H, d] over keys/values [L, KVH, d]; query i sees keys <= context + i."""
+def _attend(q, keys, values, scale, num_heads, num_kv_heads, context, pre_tokens=None):
+    """q [n, H, d] over keys/values [L, KVH, d]; query i sees keys <= context + i
+    (and, with ``pre_tokens``, > context + i - pre_tokens)."""
     n, length = q.shape[0], keys.shape[0]
     rep = num_heads // num_kv_heads
     k = keys.float().repeat_interleave(rep, dim=1)
     v = values.float().repeat_interleave(rep, dim=1)
     s = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
-    allowed = torch.arange(length)[None, :] <= (context + torch.arange(n))[:, None]
+    q_pos = (context + torch.arange(n))[:, None]
+    allowed = torch.arange(length)[None, :] <= q_pos
+    if pre_tokens is not None:
+        allowed &= torch.arange(length)[None, :] > q_pos - pre_tokens
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hnl,lhd->nhd", torch.softmax(s, -1), v).to(q.dtype)
 
@@ -99,32 +107,46 @@ def _npu_paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads,
         out[i] = _attend(query[i : i + 1], k, v, scale_value, num_heads, num_kv_heads, length - 1)[0]
 
 
-def _check_fia(query, key, atten_mask, input_layout, actual_seq_lengths, actual_seq_lengths_kv, sparse_mode, block_size):
-    assert input_layout == "TND", "fnllm uses the TND layout"
-    assert sparse_mode == 3, "chunked prefill needs sparse_mode=3 (bottom-right causal)"
-    assert atten_mask is not None and tuple(atten_mask.shape) == (2048, 2048), "sparse_mode 3 takes a 2048x2048 mask"
-    assert bool(atten_mask[0, 1]) and not bool(atten_mask[1, 0]) and not bool(atten_mask[0, 0]), "mask: upper triangle"
+def _check_fia(query, key, atten_mask, input_layout, actual_seq_lengths, actual_seq_lengths_kv, sparse_mode, block_size,
+               pre_tokens, next_tokens):
     assert key.dim() == 3 and key.shape[1] == block_size, "paged key is [num_blocks, block_size, kvh*d]"
     assert isinstance(actual_seq_lengths, list) and isinstance(actual_seq_lengths_kv, list)
+    if input_layout == "BSH":  # the sliding-window decode call: one query token per row
+        assert query.dim() == 3 and query.shape[1] == 1, "BSH decode query is [B, 1, H*d]"
+        assert actual_seq_lengths == [1] * query.shape[0] and pre_tokens is not None
+        return
+    assert input_layout == "TND", "fnllm uses the TND layout"
+    assert sparse_mode in (3, 4), "chunked prefill needs sparse_mode=3 (bottom-right causal) or 4 (band)"
+    if sparse_mode == 4:
+        assert pre_tokens is not None and pre_tokens >= 1 and next_tokens == 0, "band: pre_tokens=window, next_tokens=0"
+    assert atten_mask is not None and tuple(atten_mask.shape) == (2048, 2048), "sparse_mode 3/4 take a 2048x2048 mask"
+    assert bool(atten_mask[0, 1]) and not bool(atten_mask[1, 0]) and not bool(atten_mask[0, 0]), "mask: upper triangle"
     assert all(b >= a for a, b in zip([0] + actual_seq_lengths, actual_seq_lengths)), "query ends are cumulative"
     assert actual_seq_lengths[-1] == query.shape[0], "last query end is the token count"
 
 
 def npu_fused_infer_attention_score(
     query, key, value, *, num_heads, num_key_value_heads, input_layout, scale, block_table=None,
-    block_size=0, actual_seq_lengths=None, actual_seq_lengths_kv=None, sparse_mode=0, atten_mask=None, **_,
+    block_size=0, actual_seq_lengths=None, actual_seq_lengths_kv=None, sparse_mode=0, atten_mask=None,
+    pre_tokens=None, next_tokens=None, **_,
 ):
     _count("npu_fused_infer_attention_score")
-    _check_fia(query, key, atten_mask, input_layout, actual_seq_lengths, actual_seq_lengths_kv, sparse_mode, block_size)
+    _check_fia(query, key, atten_mask, input_layout, actual_seq_lengths, actual_seq_lengths_kv, sparse_mode, block_size,
+               pre_tokens, next_tokens)
     assert block_table is not None and block_table.dtype == torch.int32, "block_table must be int32"
-    out = torch.empty_like(query)
+    assert int(block_table.min()) >= 0, "block_table holds an id that is not a block"
+    bsh = input_layout == "BSH"
+    q_all = query.reshape(query.shape[0], num_heads, -1) if bsh else query
+    out = torch.empty_like(q_all)
+    ends = list(range(1, query.shape[0] + 1)) if bsh else actual_seq_lengths
     start = 0
-    for i, (end, length) in enumerate(zip(actual_seq_lengths, actual_seq_lengths_kv)):
+    for i, (end, length) in enumerate(zip(ends, actual_seq_lengths_kv)):
         n = end - start
         k = _gather(key, block_table[i], length, block_size, num_key_value_heads)
         v = _gather(value, block_table[i], length, block_size, num_key_value_heads)
-        out[start:end] = _attend(query[start:end], k, v, scale, num_heads, num_key_value_heads, length - n)
+        out[start:end] = _attend(q_all[start:end], k, v, scale, num_heads, num_key_value_heads, length - n, pre_tokens)
         start = end
+    out = out.reshape(query.shape) if bsh else out
     lse = torch.zeros(query.shape[0], num_heads, 1)
     return out, lse
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from fnllm.state import BatchPlan, SamplingParams
 
@@ -34,15 +34,26 @@ PANGU = dict(TINY, rope_theta=1.6e7, bias=True, tie_word_embeddings=False, archi
 LLAMA = dict(TINY, rope_theta=10000.0, attention_bias=False, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
 
 
+def mistral_config(window: int) -> dict:
+    """A tiny Mistral: Llama without bias, untied, attending to the last ``window`` positions."""
+    return dict(TINY, rope_theta=10000.0, sliding_window=window, tie_word_embeddings=False,
+                architectures=["MistralForCausalLM"])
+
+
 def reference_model(cfg: dict, seed: int = 0) -> LlamaForCausalLM:
     """transformers' Llama with the config's shape and O(1)-scale random weights
     (norm gains and biases randomised too, so loading them is tested)."""
-    hf_cfg = LlamaConfig(
-        **{k: v for k, v in cfg.items() if k not in ("architectures", "bias", "attention_bias")},
-        attention_bias=bool(cfg.get("bias", cfg.get("attention_bias", False))),
-    )
+    if cfg["architectures"][0] == "MistralForCausalLM":  # eager attention: the window applied as a mask
+        hf_cfg = MistralConfig(**{k: v for k, v in cfg.items() if k != "architectures"}, attn_implementation="eager")
+        cls = MistralForCausalLM
+    else:
+        hf_cfg = LlamaConfig(
+            **{k: v for k, v in cfg.items() if k not in ("architectures", "bias", "attention_bias")},
+            attention_bias=bool(cfg.get("bias", cfg.get("attention_bias", False))),
+        )
+        cls = LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_cfg).eval()
+    model = cls(hf_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

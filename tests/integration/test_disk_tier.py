@@ -14,8 +14,10 @@ import sys
 import pytest
 import torch
 
+from fnllm.device.executor import ModelExecutor
 from fnllm.device.kv_disk import MAGIC, DiskKV
-from fnllm.replay import verify
+from fnllm.offload import replay_stager
+from fnllm.replay import verify, verify_device
 from fnllm.trace import read_trace
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -46,6 +48,11 @@ def test_second_process_starts_with_the_system_prompt_cached(tiny_llama, tiny_pa
     assert verify(trace) is None, "replay reproduces the disk hits (staging and swap_in)"
     assert second["cached"][0] >= 40, "the system prompt's full blocks came from disk"
     assert second["staged"] >= 10 and second["swapped_in"] >= 10 and second["rejected"] == 0
+    # `fnllm replay --device` re-executes it, re-reading the staged blocks from the directory
+    out = subprocess.run([sys.executable, "-m", "fnllm.cli", "replay", str(tmp_path / "second.jsonl"), "--device", "cpu",
+                          "--kv-offload-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert out.returncode == 0 and "reproduced" in out.stdout, out.stdout + out.stderr[-2000:]
 
     # a corrupted block file is detected, removed, recomputed (and written again)
     victim = files[len(files) // 2]
@@ -68,6 +75,44 @@ def test_second_process_starts_with_the_system_prompt_cached(tiny_llama, tiny_pa
     foreign = serve(pangu, tmp_path)
     assert foreign["tokens"] == alone["tokens"]
     assert foreign["staged"] == 0 and foreign["rejected"] >= 1
+
+
+def test_replay_reexecutes_disk_hits(tiny_llama, tmp_path, capsys):
+    """A run whose prompt blocks came from disk: the stage events and swap-ins
+    are in the trace, the pure replay reproduces every plan and state, and a
+    device replay that re-reads the same files reproduces every token (one
+    that fills the staged blocks with anything else does not)."""
+    import disk_tier_worker as worker
+
+    llama, _ = tiny_llama
+    worker.main(str(llama), str(tmp_path))
+    trace_path = tmp_path / "second.jsonl"
+    worker.main(str(llama), str(tmp_path), str(trace_path))
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["staged"] >= 10
+    trace = read_trace(str(trace_path))
+    stages = [e for e in trace.events if e["type"] == "stage"]
+    assert sum(e["count"] for e in stages) == second["staged"]
+    swapped_in = sum(len(e["rows"].get("swap_in", [])) for e in trace.events if e["type"] == "step")
+    assert swapped_in >= second["staged"], "the staged blocks come in by the plans' swap_in"
+    assert verify(trace) is None
+
+    def executor():
+        return ModelExecutor(str(llama), num_blocks=64, block_size=4, device="cpu", num_host_blocks=32)
+
+    ex = executor()
+    with pytest.raises(ValueError, match="disk tier"):
+        verify_device(trace, ex)
+    assert verify_device(trace, ex, on_stage=replay_stager(ex, str(tmp_path))) is None
+    assert ex.host_kv.swapped_in >= second["staged"]
+
+    wrong = executor()
+
+    def zeros(state, event, host_blocks):
+        for hb in host_blocks:
+            wrong.host_kv.write(hb, torch.zeros_like(wrong.host_kv.read_device_block(wrong.kv_caches, 0)))
+
+    assert verify_device(trace, wrong, on_stage=zeros) is not None, "the replay really uses the staged bytes (logprobs differ)"
 
 
 def test_disk_kv_checks_every_file_and_stays_bounded(tmp_path):

@@ -57,7 +57,8 @@ class Run:
         self.config = config
         self.state = initial_state(config)
         self.ex = FakeExecutor(
-            config.cache.num_blocks, config.cache.block_size, config.model.vocab_size, EOS, eos_every
+            config.cache.num_blocks, config.cache.block_size, config.model.vocab_size, EOS, eos_every,
+            sliding_window=config.cache.sliding_window,
         )
         self.tokens: dict[tuple[str, int], list[int]] = {}
         self.finish: dict[tuple[str, int], str] = {}

@@ -39,10 +39,14 @@ def sampling_params(draw, max_tokens: int = 8, allow_n: bool = True) -> Sampling
 
 
 @st.composite
-def engine_configs(draw, max_blocks: int = 24, swap: bool | None = None, tight: bool = False) -> EngineConfig:
+def engine_configs(
+    draw, max_blocks: int = 24, swap: bool | None = None, tight: bool = False, window: bool = True
+) -> EngineConfig:
     """Tiny pools; ``swap`` True/False forces the preemption mode (None draws it),
     with a host tier of 0 to 16 blocks (0 or a few: swap falls back to recompute).
-    ``tight``: a device pool just big enough for one request, so preemption is common."""
+    ``tight``: a device pool just big enough for one request, so preemption is common.
+    ``window``: draws a sliding window (None half the time), small enough that
+    tables get holes."""
     bs = draw(st.sampled_from((1, 2, 4, 8)))
     mode = draw(st.sampled_from(("recompute", "swap"))) if swap is None else ("swap" if swap else "recompute")
     chunking = draw(st.booleans())
@@ -55,6 +59,7 @@ def engine_configs(draw, max_blocks: int = 24, swap: bool | None = None, tight: 
             num_blocks=draw(st.integers(max(1, 48 // bs), 48 // bs + (2 if tight else max(max_blocks - 48 // bs, 8)))),
             enable_prefix_caching=draw(st.booleans()),
             num_host_blocks=draw(st.sampled_from((0, 2, 6, 16))),
+            sliding_window=draw(st.sampled_from((None, None, None, 1, 3, 6, 13))) if window else None,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=budget,

@@ -1,7 +1,8 @@
 """State machine over the block pool alone: allocate, append, fork, free,
-prefix hit and eviction under a tiny pool, and the host tier (swap out,
-swap in, offload of evicted cached blocks, host prefix hits), checking
-invariants 1, 2, 4-6, 17, 18 and purity after every rule. The machine keeps
+prefix hit and eviction under a tiny pool, the host tier (swap out,
+swap in, offload of evicted cached blocks, host prefix hits) and sliding
+windows (leading blocks released as holes, then forked, swapped, freed),
+checking invariants 1, 2, 4-6, 17, 18, 20 and purity after every rule. The machine keeps
 the KV content of every block of both tiers and applies each returned move,
 so a wrong or missing move shows as a block holding other tokens."""
 
@@ -14,9 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from fnllm import blocks
-from fnllm.blocks import chain_hashes
+from fnllm.blocks import chain_hashes, first_window_block
 from fnllm.invariants import check_pool
-from fnllm.state import InvariantError
+from fnllm.state import HOLE, InvariantError
 from tests.property.invariants import snapshot_pool
 
 
@@ -50,6 +51,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _write(self, tokens, table, start=0):
         for p in range(start, len(tokens)):
+            assert table[p // self.bs] != HOLE, "a write into a hole"
             self.dev.setdefault(table[p // self.bs], [None] * self.bs)[p % self.bs] = tokens[p]
 
     def _move_out(self, moves):
@@ -109,10 +111,12 @@ class PoolMachine(RuleBasedStateMachine):
         tokens, table = self.seqs[sid]
         got = pure(blocks.swap_out, self.pool, tuple(table))
         if got is None:
-            assert len(table) > self.pool.host.num_free, "swap out refused although host blocks were free"
+            assert len(table) - table.count(HOLE) > self.pool.host.num_free, "swap out refused although host blocks were free"
             return
         self.pool, host_table, moves = got
-        assert [d for d, _ in moves] == table and [h for _, h in moves] == list(host_table)
+        assert [d for d, _ in moves] == [b for b in table if b != HOLE]
+        assert [h for _, h in moves] == [h for h in host_table if h != HOLE]
+        assert [b == HOLE for b in table] == [h == HOLE for h in host_table], "holes stay holes in the host table"
         self._move_out(moves)
         del self.seqs[sid]
         self.swapped[sid] = (tokens, list(host_table))
@@ -125,7 +129,7 @@ class PoolMachine(RuleBasedStateMachine):
         tokens, host_table = self.swapped[sid]
         got = pure(blocks.swap_in, self.pool, tuple(host_table))
         if got is None:
-            assert len(host_table) > self.pool.num_free
+            assert len(host_table) - host_table.count(HOLE) > self.pool.num_free
             return
         self.pool, table, moves = got
         self._move_in(moves)
@@ -185,6 +189,23 @@ class PoolMachine(RuleBasedStateMachine):
         tokens.append(tok)
         self._write(tokens, table, pos)
 
+    @rule(k=st.integers(0, 100), window=st.integers(1, 9))
+    def slide(self, k, window):
+        """A sliding window of ``window`` positions: the blocks wholly before
+        the window of the sequence's next position are released as holes."""
+        if not self.seqs:
+            return
+        tokens, table = self.seqs[sorted(self.seqs)[k % len(self.seqs)]]
+        before = self.pool
+        self.pool, new = pure(blocks.release_outside_window, self.pool, tuple(table), len(tokens), window)
+        h = first_window_block(len(tokens), window, self.bs)
+        assert new[h:] == tuple(table[h:]) and all(b == HOLE for b in new[:h]), "holes are the leading blocks only"
+        for b in set(table[:h]) - {HOLE}:
+            assert self.pool.ref.get(b, 0) == before.ref[b] - table[:h].count(b), f"block {b} not released"
+            if b in before.hash_of and b not in self.pool.ref:
+                assert self.pool.hash_of.get(b) == before.hash_of[b], "a released cached block stays addressable"
+        table[:] = new
+
     @rule(k=st.integers(0, 100))
     def fork(self, k):
         if not self.seqs:
@@ -222,9 +243,9 @@ class PoolMachine(RuleBasedStateMachine):
             return
         tokens, table = self.seqs[sorted(self.seqs)[k % len(self.seqs)]]
         hashes = chain_hashes(tokens, self.bs)
-        items = [
+        items = [  # (a hole was cached, if ever, before it was released: commit caches blocks as they fill)
             (table[j], h, (hashes[j - 1] if j else None, tuple(tokens[j * self.bs : (j + 1) * self.bs]), ()))
-            for j, h in enumerate(hashes)
+            for j, h in enumerate(hashes) if table[j] != HOLE
         ]
         self.pool = pure(blocks.cache_blocks, self.pool, items)
         self.cached.append(list(tokens))
@@ -257,7 +278,8 @@ class PoolMachine(RuleBasedStateMachine):
         for kv, seqs in ((self.dev, self.seqs), (self.host, self.swapped)):
             for tokens, table in seqs.values():
                 for p, t in enumerate(tokens):
-                    assert kv[table[p // self.bs]][p % self.bs] == t, f"block {table[p // self.bs]} lost its content"
+                    if table[p // self.bs] != HOLE:
+                        assert kv[table[p // self.bs]][p % self.bs] == t, f"block {table[p // self.bs]} lost its content"
         for kv, pool in ((self.dev, self.pool), (self.host, self.pool.host)):
             for b, (_, toks, _) in pool.content.items():
                 assert tuple(kv[b]) == tuple(toks), f"cached block {b} holds other tokens"

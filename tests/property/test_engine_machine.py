@@ -64,7 +64,8 @@ class FaultyExecutor:
 
 def solo_tokens(config, eos_every: int, prompt, sp) -> list[list[int]]:
     """The request's tokens, run alone on a healthy device."""
-    engine = LLMEngine(config, FakeExecutor(config.cache.num_blocks, config.cache.block_size, VOCAB, EOS, eos_every))
+    engine = LLMEngine(config, FakeExecutor(config.cache.num_blocks, config.cache.block_size, VOCAB, EOS, eos_every,
+                        sliding_window=config.cache.sliding_window))
     engine.add_request("solo", list(prompt), sp)
     final = None
     while engine.has_unfinished_requests():
@@ -77,7 +78,8 @@ class EngineMachine(RuleBasedStateMachine):
     @initialize(config=engine_configs(), eos_every=st.sampled_from((0, 0, 5, 9)))
     def setup(self, config, eos_every):
         self.config, self.eos_every = config, eos_every
-        fake = FakeExecutor(config.cache.num_blocks, config.cache.block_size, VOCAB, EOS, eos_every)
+        fake = FakeExecutor(config.cache.num_blocks, config.cache.block_size, VOCAB, EOS, eos_every,
+                        sliding_window=config.cache.sliding_window)
         self.ex = FaultyExecutor(fake)
         self.engine = LLMEngine(config, self.ex, clock=lambda: 0.0, max_consecutive_failures=K)
         self.added: dict[str, tuple] = {}

@@ -32,7 +32,8 @@ events = st.lists(
 
 def record(config, evs, path):
     """Run ``evs`` through an engine recording to ``path``; live states per step."""
-    ex = FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size, EOS, 9)
+    ex = FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size, EOS, 9,
+                      sliding_window=config.cache.sliding_window)
     rec = TraceWriter(path)
     engine = LLMEngine(config, ex, recorder=rec, clock=lambda: 0.0)
     live, n = {}, 0
@@ -84,7 +85,8 @@ def test_replay_reproduces_every_plan_and_state(config, evs):
             # the engine may have applied a stop-string finish after commit: compare digests of commits
             assert state_digest(replayed) == state_digest(state) or trace_has_finish(trace, step)
             assert snapshot(replayed) == snapshot(state) or trace_has_finish(trace, step)
-        ex = FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size, EOS, 9)
+        ex = FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size, EOS, 9,
+                      sliding_window=config.cache.sliding_window)
         assert verify_device(trace, ex) is None
 
 

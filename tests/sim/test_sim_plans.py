@@ -28,7 +28,8 @@ class FillerFake(FakeExecutor):
     sampling the simulator's token: the same token source as SimExecutor."""
 
     def __init__(self, config):
-        super().__init__(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size)
+        super().__init__(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size,
+                         sliding_window=config.cache.sliding_window)
         self.filler = filler_token(config.model.vocab_size, config.model.eos_token_ids)
 
     def _token(self, context, sp, index, out_pos):
@@ -103,7 +104,8 @@ def test_engine_with_the_fake_device_schedules_as_the_simulator(config, work):
     adds: the same plan structure (tokens differ; no prompt shares a block
     with generated text, so the cache behaves the same)."""
     res = simulate(work, config, COST, keep_plans=True)
-    engine = LLMEngine(config, FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size),
+    engine = LLMEngine(config, FakeExecutor(config.cache.num_blocks, config.cache.block_size, config.model.vocab_size,
+                                            sliding_window=config.cache.sliding_window),
                        clock=lambda: 0.0)
     avoid = frozenset(config.model.eos_token_ids)
     adds = sorted(((res.add_steps[it.request_id], k, it) for k, it in enumerate(work) if it.request_id in res.add_steps),

@@ -96,44 +96,51 @@ inline void block_scores(const T* q, const float* qf, const T* kblk, float* rows
 }
 
 // One row of paged decode attention: its H query heads (G per kv head) attend
-// over its L cached tokens, read a block at a time: a block's K (then V) for
-// all kv heads is one contiguous run of BS * KVH * D values.
-// Scratch: qf and acc [H * D], rows [BS * KVH * D], s [H * L].
+// over its cached tokens start .. L-1 (start > 0 under a sliding window: the
+// table's entries before block start / BS are never read, they may be holes),
+// read a block at a time: a block's K (then V) for all kv heads is one
+// contiguous run of BS * KVH * D values.
+// Scratch: qf and acc [H * D], rows [BS * KVH * D], s [H * (L - start)].
 template <typename T, int64_t DC>  // DC: the head size when known at compile time (then loops unroll), else 0
-void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t L, int64_t H, int64_t KVH, int64_t Dr,
-                int64_t NB, int64_t BS, float scale, float* qf, float* acc, float* rows, float* s) {
+void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t start, int64_t L, int64_t H, int64_t KVH,
+                int64_t Dr, int64_t NB, int64_t BS, float scale, float* qf, float* acc, float* rows, float* s) {
   const int64_t D = DC ? DC : Dr;
-  const int64_t G = H / KVH, tok = KVH * D, blk = BS * KVH * D, v_off = NB * blk;
+  const int64_t G = H / KVH, tok = KVH * D, blk = BS * KVH * D, v_off = NB * blk, Lw = L - start;
   to_float(q, qf, H * D);
   for (int64_t i = 0; i < H * D; ++i) qf[i] *= scale;
-  for (int64_t t0 = 0; t0 < L; t0 += BS)
-    block_scores<T>(q, qf, kv + table[t0 / BS] * blk, rows, s, std::min(BS, L - t0), L, t0, H, G, D, tok, scale);
+  for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
+    const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
+    block_scores<T>(q, qf, kv + table[t0 / BS] * blk + j0 * tok, rows, s, n, Lw, t0 + j0 - start, H, G, D, tok, scale);
+  }
   float inv[512];
-  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * L, L);
+  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * Lw, Lw);
   std::fill(acc, acc + H * D, 0.f);
-  for (int64_t t0 = 0; t0 < L; t0 += BS) {
-    const int64_t n = std::min(BS, L - t0);
-    to_float(kv + v_off + table[t0 / BS] * blk, rows, n * tok);
-    for (int64_t h = 0; h < H; ++h) axpys(s + h * L + t0, rows + (h / G) * D, acc + h * D, n, D, tok);
+  for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
+    const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
+    to_float(kv + v_off + table[t0 / BS] * blk + j0 * tok, rows, n * tok);
+    for (int64_t h = 0; h < H; ++h) axpys(s + h * Lw + t0 + j0 - start, rows + (h / G) * D, acc + h * D, n, D, tok);
   }
   for (int64_t h = 0; h < H; ++h)
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = from_float<T>(acc[h * D + d] * inv[h]);
 }
+
+// The first key a row of length L reads: its last `window` keys (all when window is 0).
+inline int64_t window_start(int64_t L, int64_t window) { return window > 0 ? std::max<int64_t>(0, L - window) : 0; }
 
 // Paged decode attention: one query token per row, keys/values read in place
 // through the row's block table (no gather), one task per row.
 template <typename T>
 void paged_decode_impl(const T* q, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t MAXB,
-                       float scale) {
+                       float scale, int64_t window) {
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), rows(BS * KVH * D), s(H * longest);
     for (int64_t b = begin; b < end; ++b) {
       auto row = D == 64 ? decode_row<T, 64> : D == 128 ? decode_row<T, 128> : decode_row<T, 0>;
-      row(q + b * H * D, kv, tables + b * MAXB, out + b * H * D, lens[b], H, KVH, D, NB, BS, scale, qf.data(),
-          acc.data(), rows.data(), s.data());
+      row(q + b * H * D, kv, tables + b * MAXB, out + b * H * D, window_start(lens[b], window), lens[b], H, KVH, D, NB,
+          BS, scale, qf.data(), acc.data(), rows.data(), s.data());
     }
   });
 }
@@ -226,7 +233,7 @@ void check(const torch::Tensor& t, const char* name) {
   }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
-                           double scale) {
+                           double scale, int64_t window) {
   check(q, "q"), check(kv_cache, "kv_cache"), check(block_tables, "block_tables"), check(seq_lens, "seq_lens");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32,
               "block_tables and seq_lens must be int32");
@@ -240,10 +247,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   TORCH_CHECK(kv_cache.size(4) == D, "paged_decode: head size ", D, " differs from the cache's ", kv_cache.size(4));
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "block_tables and seq_lens need one row per query");
   const int32_t* tab = block_tables.data_ptr<int32_t>();
+  TORCH_CHECK(window >= 0, "paged_decode: window must be >= 0 (0: no sliding window)");
   for (int64_t b = 0; b < B; ++b) {  // every block a row reads must exist: a bad table is an error, not a stray read
     const int64_t len = seq_lens.data_ptr<int32_t>()[b], used = (len + BS - 1) / BS;
     TORCH_CHECK(len >= 1 && used <= block_tables.size(1), "row ", b, ": length ", len, " does not fit its block table");
-    for (int64_t j = 0; j < used; ++j)
+    for (int64_t j = window_start(len, window) / BS; j < used; ++j)
       TORCH_CHECK(tab[b * block_tables.size(1) + j] >= 0 && tab[b * block_tables.size(1) + j] < NB, "row ", b,
                   ": block id ", tab[b * block_tables.size(1) + j], " outside the cache of ", NB, " blocks");
   }
@@ -251,7 +259,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   FNLLM_DISPATCH(q.scalar_type(), [&] {
     paged_decode_impl<scalar_t>(q.data_ptr<scalar_t>(), kv_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                                 seq_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, H, KVH, D, NB, BS,
-                                block_tables.size(1), static_cast<float>(scale));
+                                block_tables.size(1), static_cast<float>(scale), window);
   });
   return out;
 }
@@ -309,7 +317,9 @@ std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torc
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row)");
+  m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row; window > 0: its last "
+        "`window` keys only)", pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"),
+        pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("window") = 0);
   m.def("add_rms_norm", &add_rms_norm, "residual += x; weight * rms_norm(residual)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("rope", &rope, "neox rotary on the q and k heads of fused qkv");
