@@ -106,12 +106,12 @@ def test_bad_settings_are_clear_errors(tiny_llama, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_model_solo_equals_batch(smollm2_path):
-    """16 chat and raw prompts, 48 greedy tokens each: alone, and all in one batch."""
+    """16 chat and raw prompts, 48 greedy tokens each: alone, and all in one batch
+    (which also meets the solo runs' blocks in the prefix cache: other chunk boundaries)."""
     from fnllm.llm import LLM
     from fnllm.state import SamplingParams
 
-    llm = LLM(str(smollm2_path), dtype="bfloat16", device="cpu", num_kv_blocks=1024, batch_invariant=True,
-              enable_prefix_caching=False)
+    llm = LLM(str(smollm2_path), dtype="bfloat16", device="cpu", num_kv_blocks=1024, batch_invariant=True)
     tok = llm.get_tokenizer()
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
                  "List three fruits.", "Who wrote Hamlet?", "What is 17 times 23?", "Describe a cat.",
