@@ -125,3 +125,12 @@ def test_demo_model_solo_equals_batch(smollm2_path):
     batch = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert [i for i in range(16) if solo[i] != batch[i]] == []
     llm.shutdown()
+
+
+def test_cli_flag(smollm2_path, capsys):
+    from fnllm.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", "--batch-invariant"]).batch_invariant is True
+    assert main(["generate", "--model", str(smollm2_path), "--batch-invariant", "--dtype", "float16",
+                 "--num-kv-blocks", "8", "--max-tokens", "1", "Hi"]) == 2
+    assert "batch_invariant=True runs on the CPU torch backend in float32 or bfloat16" in capsys.readouterr().err
