@@ -1,7 +1,9 @@
 """Start-up time on a warm machine (set-up done: the demo GGUF converted once).
 
 Whole-process wall times, each the median (and min) of ``--runs`` fresh
-processes, measured in the same run as their yardstick:
+processes (interleaved, so that the machine's drift hits every figure alike),
+with each process's CPU seconds (user + system, all threads: on a shared
+machine the steadier figure), measured in the same run as their yardstick:
 
 - ``import_torch``: ``python -c "import torch"`` (the floor every figure below
   pays: the interpreter and torch's own import);
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,26 +39,32 @@ LLM_SNIPPET = (
 )
 
 
-def run_once(cmd: list[str], env: dict | None = None) -> tuple[float, float | None]:
-    """Wall seconds of one process, and the constructor time it printed (if any)."""
-    t = time.perf_counter()
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_once(cmd: list[str], env: dict | None = None) -> tuple[float, float | None, float]:
+    """Wall seconds of one process, the constructor time it printed (if any), and its CPU seconds."""
+    c, t = _children_cpu(), time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, _children_cpu() - c
     if out.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({out.returncode}): {out.stderr[-2000:]}")
     ctor = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("CTOR ")]
-    return wall, (ctor[0] if ctor else None)
+    return wall, (ctor[0] if ctor else None), cpu
 
 
 def measure(cmd: list[str], runs: int, env: dict | None = None) -> dict:
-    walls, ctors = [], []
+    walls, ctors, cpus = [], [], []
     for _ in range(runs):
-        wall, ctor = run_once(cmd, env)
+        wall, ctor, cpu = run_once(cmd, env)
         walls.append(wall)
+        cpus.append(cpu)
         if ctor is not None:
             ctors.append(ctor)
     out = {"wall_s_median": round(statistics.median(walls), 3), "wall_s_min": round(min(walls), 3),
-           "wall_s": [round(w, 3) for w in walls]}
+           "wall_s": [round(w, 3) for w in walls], "cpu_s_median": round(statistics.median(cpus), 3)}
     if ctors:
         out.update(ctor_s_median=round(statistics.median(ctors), 3), ctor_s_min=round(min(ctors), 3))
     return out
@@ -81,7 +90,8 @@ def main() -> None:
             parts[name].append(measure(cmd, 1, e))
     for name, got in parts.items():
         walls = [g["wall_s"][0] for g in got]
-        res[name] = {"wall_s_median": round(statistics.median(walls), 3), "wall_s_min": round(min(walls), 3)}
+        res[name] = {"wall_s_median": round(statistics.median(walls), 3), "wall_s_min": round(min(walls), 3),
+                     "cpu_s_median": round(statistics.median(g["cpu_s_median"] for g in got), 3)}
         ctors = [g["ctor_s_median"] for g in got if "ctor_s_median" in g]
         if ctors:
             res[name].update(ctor_s_median=round(statistics.median(ctors), 3), ctor_s_min=round(min(ctors), 3))
