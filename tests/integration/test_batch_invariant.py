@@ -56,7 +56,7 @@ def ckpt_path(request):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(data=st.data())
 def test_logits_do_not_depend_on_the_batch(ckpt_path, dtype, data):
     ex = executor(ckpt_path, dtype)
