@@ -51,6 +51,15 @@ def _key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _so_id(path: str) -> list[int] | None:
+    """The built file's size and modification time: a rebuild changes them."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _load_stamped():
     """The module built earlier for this exact source, flags and torch, imported
     straight from its ``.so`` (torch's loader imports ``cpp_extension`` and
@@ -61,8 +70,8 @@ def _load_stamped():
 
     try:
         stamp = json.loads(_stamp_path().read_text())
-        if stamp.get("key") != _key() or not Path(stamp["file"]).is_file():
-            return None
+        if stamp.get("key") != _key() or stamp.get("so") != _so_id(stamp["file"]):
+            return None  # another source's build, or the .so rebuilt since (by a loader that wrote no stamp)
         loader = importlib.machinery.ExtensionFileLoader(stamp["name"], stamp["file"])
         spec = importlib.util.spec_from_file_location(stamp["name"], stamp["file"], loader=loader)
         module = importlib.util.module_from_spec(spec)
@@ -92,7 +101,8 @@ def _build():
     try:
         import json
 
-        _stamp_path().write_text(json.dumps({"key": _key(), "name": module.__name__, "file": module.__file__}))
+        _stamp_path().write_text(json.dumps({"key": _key(), "name": module.__name__, "file": module.__file__,
+                                             "so": _so_id(module.__file__)}))
     except OSError:
         pass
     return module
