@@ -13,6 +13,13 @@ and dtype, in the same process. Greedy, ``ignore_eos``.
   tokens. fnllm: per decode ``step()``; transformers:
   ``(generate(N+1) - generate(1)) / N`` on the same prompt.
 
+The weight-read bound, measured in the same run: the machine's memory read
+bandwidth (best of several ``sum`` passes over a 1 GiB bfloat16 tensor, and
+the same in float32; the larger is taken), the bytes one decode step must
+read (every linear weight and norm gain, the lm_head, one embedding row, and
+the KV cache of the mean context over the timed tokens), their quotient (the
+bound: no decode step can read its weights faster) and TPOT / bound.
+
 Each figure is the median over ``--repeats`` runs (fresh prompts each time).
 Also reported: peak resident memory (``ru_maxrss``) after fnllm's part (before
 transformers is loaded) and at the end, and the KV cache budget: configured
@@ -70,7 +77,9 @@ def run_fnllm(path, args, prompts) -> dict:
             ttft.append(t1 - t0)
             tpot.append(sum(steps) / len(steps))
     kv_bytes = sum(c.numel() * c.element_size() for c in ex.kv_caches)
+    element = torch.empty((), dtype=ex.dtype).element_size()
     return {
+        "bytes_per_token": bytes_per_token(ex.config, element, args.prompt_len + args.tokens / 2),
         "ttft_ms": round(statistics.median(ttft) * 1e3, 2),
         "tpot_ms": round(statistics.median(tpot) * 1e3, 2),
         "ttft_ms_all": [round(x * 1e3, 1) for x in ttft],
@@ -86,6 +95,35 @@ def run_fnllm(path, args, prompts) -> dict:
             "peak_bytes_in_use": peak_used * kv_bytes // ex.num_blocks,
         },
     }
+
+
+def read_bandwidth(gib: float = 1.0, passes: int = 5) -> dict:
+    """Memory read bandwidth (bytes/s): a reduction over a tensor far larger than the caches."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.ones(int(gib * (1 << 30)) // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        times = []
+        for _ in range(passes + 1):
+            t = time.perf_counter()
+            x.sum()
+            times.append(time.perf_counter() - t)
+        best = min(times[1:])
+        out[str(dtype).removeprefix("torch.")] = {"gib_per_s_best": round(x.nbytes / best / (1 << 30), 2),
+                                                  "gib_per_s_median": round(x.nbytes / statistics.median(times[1:]) / (1 << 30), 2)}
+        del x
+    out["bytes_per_s"] = max(v["gib_per_s_best"] for v in out.values()) * (1 << 30)
+    return out
+
+
+def bytes_per_token(cfg, element: int, context: float) -> dict:
+    """Bytes one batch-1 decode step reads: weights (all layers, lm_head), one embedding row, the KV cache."""
+    h, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    per_layer = (q + 2 * kv) * h + h * q + 2 * i * h + i * h + 2 * h
+    if cfg.attention_bias:
+        per_layer += q + 2 * kv + h
+    weights = (cfg.num_layers * per_layer + cfg.vocab_size * h + h + h) * element
+    kv_bytes = int(cfg.num_layers * 2 * cfg.kv_size * context * element)
+    return {"weights": weights, "kv_cache": kv_bytes, "total": weights + kv_bytes}
 
 
 def run_transformers(path, args, prompts) -> dict:
@@ -138,6 +176,13 @@ def main() -> None:
         "model": path.name, "dtype": args.dtype, "prompt_len": args.prompt_len, "tokens": args.tokens,
         "repeats": args.repeats, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "fnllm": run_fnllm(path, args, prompts),
+    }
+    bw = read_bandwidth()
+    per_token = result["fnllm"]["bytes_per_token"]["total"]
+    bound_ms = per_token / bw["bytes_per_s"] * 1e3
+    result["weight_read_bound"] = {
+        "bandwidth": bw, "bytes_per_token": per_token, "bound_ms": round(bound_ms, 2),
+        "tpot_over_bound": round(result["fnllm"]["tpot_ms"] / bound_ms, 2), "target_ratio": 1.3,
     }
     if not args.skip_transformers:
         result["transformers"] = run_transformers(path, args, prompts)

@@ -12,7 +12,9 @@ step time goes: executor forward, sampling, host batch building, schedule,
 commit, engine shell (``StepProfiler``: wrappers installed by this script;
 the engine and the core are not touched), overall, for the pure decode
 steps at full batch and for the prefill/mixed steps. ``scheduler_share_pct``
-is schedule + commit over step time.
+is schedule + commit over step time. ``--batch-invariant`` also runs the
+same workload with ``LLM(batch_invariant=True)`` in the same process and
+reports its throughput and cost against the default kernels (target <= 15 %).
 
     python benchmarks/bench_throughput.py [--dtype bfloat16|float32] [--num-prompts 64] [--skip-transformers]
         [--reference dense|gguf] [--trace FILE] [--no-profile]
@@ -36,13 +38,14 @@ def workload(n: int, vocab: int, seed: int = 0):
     return prompts, outputs
 
 
-def run_fnllm(path, dtype, prompts, outs, args) -> dict:
+def run_fnllm(path, dtype, prompts, outs, args, batch_invariant: bool = False) -> dict:
     from fnllm.llm import LLM
     from fnllm.state import SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(str(path), dtype=dtype, device="cpu", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_memory, trace=args.trace)
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_memory, trace=args.trace,
+              batch_invariant=batch_invariant)
     load = time.perf_counter() - t0
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
     prof = StepProfiler(llm) if args.profile else None
@@ -55,6 +58,7 @@ def run_fnllm(path, dtype, prompts, outs, args) -> dict:
     if prof is not None:
         prof.restore()
         out["profile"] = prof.report(wall, args.max_num_seqs)
+    llm.shutdown()
     return out
 
 
@@ -197,6 +201,8 @@ def main() -> None:
                     help="transformers' weights: dense dequantized tensors in --dtype (default) or GGUF-packed")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="do not time the parts of each step (schedule, commit, forward, sampling, ...)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="also run LLM(batch_invariant=True) on the same workload and report its cost")
     ap.add_argument("--trace", default=None, help="record a replay trace while measuring (its overhead shows in fnllm's figure)")
     args = ap.parse_args()
     from fnllm.model.fetch import default_model_path
@@ -210,9 +216,16 @@ def main() -> None:
         "fnllm": run_fnllm(path, args.dtype, prompts, outs, args),
         "recording_trace": args.trace is not None,
     }
+    if args.batch_invariant:
+        inv = result["fnllm_batch_invariant"] = run_fnllm(path, args.dtype, prompts, outs, args, batch_invariant=True)
+        result["batch_invariant_cost_pct"] = round(
+            100 * (1 - inv["tokens_per_s"] / result["fnllm"]["tokens_per_s"]), 1)
     if not args.skip_transformers:
         result["transformers"] = run_transformers(path, args.dtype, prompts, outs, args.batch, args.reference)
         result["ratio"] = round(result["fnllm"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 2)
+        if args.batch_invariant:
+            result["ratio_batch_invariant"] = round(
+                result["fnllm_batch_invariant"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 2)
     print(json.dumps(result, indent=2))
 
 

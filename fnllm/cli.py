@@ -34,6 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages that split the layers")
     p.add_argument("--distributed-executor-backend", default=None, choices=("uni", "mp", "ray"),
                    help="how workers run (default: uni for one rank, mp otherwise)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens do not depend on what else is in its batch (CPU kernels)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +132,7 @@ def _make_llm(args):
         enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
         swap_space=args.swap_space, preemption_mode=args.preemption_mode,
         kv_offload_dir=args.kv_offload_dir, kv_offload_bytes=args.kv_offload_bytes,
-        **_parallel_kwargs(args),
+        batch_invariant=args.batch_invariant, **_parallel_kwargs(args),
     )
 
 

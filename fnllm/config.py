@@ -107,9 +107,14 @@ class ModelConfig:
     vocab_size: int = 32000
     eos_token_ids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     max_logprobs: int = 20  # the most logprobs a request may ask for (vLLM's name and default)
+    # kernels whose reductions do not depend on the batch: a request's tokens are the
+    # same alone or in any batch (fnllm.device.cpu_fused)
+    batch_invariant: bool = False
 
     def __attrs_post_init__(self) -> None:
         _positive("max_logprobs", self.max_logprobs)
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:

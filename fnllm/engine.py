@@ -180,6 +180,9 @@ class LLMEngine:
             raise ValueError(
                 f"max_model_len={config.scheduler.max_model_len} exceeds the model's max_position_embeddings={positions}"
             )
+        if config.model.batch_invariant and getattr(executor, "batch_invariant", None) is False:
+            raise ValueError("config.model.batch_invariant is set but the executor was built without it "
+                             "(ModelExecutor(..., batch_invariant=True) or ModelExecutor.from_engine_config)")
         self.config, self.executor, self.tokenizer = config, executor, tokenizer
         self.kv_offload = kv_offload  # the disk KV tier's hooks (fnllm.offload.KVOffload), or None
         self.state: EngineState = initial_state(config)

@@ -89,6 +89,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         from fnllm.executor import make_executor
         from fnllm.model.loader import open_checkpoint
@@ -100,6 +101,10 @@ class LLM:
                                   distributed_executor_backend=distributed_executor_backend)
         ckpt = open_checkpoint(path)  # the checkpoint's config and index, no weights yet
         _check_layout(parallel, ckpt.config, swap_space, kv_offload_dir)
+        if batch_invariant not in (True, False):
+            raise ValueError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+        if batch_invariant and parallel.world_size > 1:
+            raise ValueError("batch_invariant=True needs tensor_parallel_size=1 and pipeline_parallel_size=1")
         self.tokenizer = load_tokenizer(path)
         config = _engine_config(
             ckpt.config, self.tokenizer, path=path, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
@@ -108,9 +113,12 @@ class LLM:
             num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, policy=policy,
             long_prefill_token_threshold=long_prefill_token_threshold, max_logprobs=max_logprobs,
             swap_space_bytes=int(swap_space * (1 << 30)), preemption_mode=preemption_mode, parallel=parallel,
+            batch_invariant=bool(batch_invariant),
         )
         # every setting is valid: only now load the weights (in the workers, if any) and allocate the KV cache
         one_rank = dict(checkpoint=ckpt, num_host_blocks=config.cache.num_host_blocks) if parallel.backend == "uni" else {}
+        if batch_invariant:
+            one_rank["batch_invariant"] = True
         executor = make_executor(
             path, parallel, dtype=dtype, device=device, num_blocks=config.cache.num_blocks, block_size=block_size,
             seed=seed, attn_backend=attn_backend, **one_rank,
@@ -243,7 +251,7 @@ def _prompt_list(prompts) -> list:
 def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
                    block_size, enable_prefix_caching, enable_chunked_prefill, num_kv_blocks, kv_cache_memory, policy,
                    long_prefill_token_threshold, max_logprobs, swap_space_bytes=0, preemption_mode="recompute",
-                   parallel: ParallelConfig | None = None) -> EngineConfig:
+                   parallel: ParallelConfig | None = None, batch_invariant: bool = False) -> EngineConfig:
     """The engine config for checkpoint config ``dcfg``: every setting checked
     (``ValueError`` naming it) before any weight is loaded."""
     from fnllm.device.executor import num_blocks_for_memory
@@ -262,7 +270,7 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
     eos = tuple(sorted(set(dcfg.eos_token_ids) | set(tokenizer.eos_token_ids)))
     return EngineConfig(
         model=ModelConfig(model=path, dtype=dtype, device=device, seed=seed, vocab_size=dcfg.vocab_size,
-                          eos_token_ids=eos, max_logprobs=max_logprobs),
+                          eos_token_ids=eos, max_logprobs=max_logprobs, batch_invariant=batch_invariant),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
                           num_host_blocks=num_host_blocks, sliding_window=dcfg.sliding_window),
         scheduler=SchedulerConfig(

@@ -48,6 +48,7 @@ _PANGU_ARCHITECTURES = frozenset({"PanguEmbeddedForCausalLM"})
 _PANGU_MODEL_TYPES = frozenset({"PanguEmbedded", "pangu_embedded"})
 _PANGU_ROLES = {"system": "系统", "user": "用户", "assistant": "助手", "tool": "工具", "function": "方法"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_FNLLM_TOKENIZER = "fnllm_tokenizer.json"  # a converted GGUF copy's extra tokenizer facts (fnllm.model.gguf_cache)
 
 
 # --------------------------------------------------------------------------- backends
@@ -77,6 +78,38 @@ class _HFBackend:
         return self.tok.decode(
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+
+
+class _TokenizersBackend:
+    """``tokenizer.json`` read by the ``tokenizers`` library alone (no transformers
+    import: about a second less start-up), for a directory that transformers
+    itself wrote, such as a converted GGUF copy: its ``tokenizer.json`` already
+    holds the post-processor, and ``tokenizer_config.json`` names the special
+    tokens. Encodes and decodes exactly as :class:`_HFBackend` over the same
+    files (tested)."""
+
+    def __init__(self, directory: Path, cfg: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self.tok = _Tok.from_file(str(directory / "tokenizer.json"))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {
+            key: content for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (content := _token_content(cfg.get(key))) is not None
+        }
+        self.bos_token_id = self._id(self.special_tokens.get("bos_token"))
+        self.eos_token_id = self._id(self.special_tokens.get("eos_token"))
+        self.added_special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self.chat_template = _template_from_config(cfg, directory)
+
+    def _id(self, content: str | None) -> int | None:
+        return None if content is None else self.tok.token_to_id(content)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 def _token_content(value: Any) -> str | None:
@@ -277,11 +310,13 @@ def _load_hf_directory(directory: Path) -> Any:
     when the checkpoint names custom code, which is never run); otherwise
     ``tokenizer.model`` through SentencePiece directly (legacy Llama / Pangu
     semantics; transformers' conversion would need protobuf and could differ)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     cfg = _read_json(directory / "tokenizer_config.json")
     if not (directory / "tokenizer.json").is_file():
         return _SentencePieceBackend(directory / "tokenizer.model", cfg)
+    if (directory / _FNLLM_TOKENIZER).is_file() and os.environ.get("FNLLM_FAST_TOKENIZER", "1") != "0":
+        return _TokenizersBackend(directory, cfg)  # written by fnllm through transformers: no transformers import
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if "AutoTokenizer" in (cfg.get("auto_map") or {}):  # custom tokenizer class
         return _HFBackend(PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True))
     try:
@@ -312,7 +347,7 @@ def _load_directory(directory: Path) -> Tokenizer:
         *_as_ids(backend.eos_token_id),
         *_as_ids(generation.get("eos_token_id")),
         *_as_ids(config.get("eos_token_id")),
-        *_as_ids(_read_json(directory / "fnllm_tokenizer.json").get("eos_token_ids")),  # a converted GGUF's
+        *_as_ids(_read_json(directory / _FNLLM_TOKENIZER).get("eos_token_ids")),  # a converted GGUF's
     ]
     return Tokenizer(backend, eos, is_pangu=_is_pangu(config), source=str(directory))
 

@@ -55,11 +55,15 @@ def get_attn_backend(
     cfg: DecoderConfig,
     block_size: int,
     dtype: torch.dtype,
+    batch_invariant: bool = False,
 ):
     """The backend for ``device``: ``name`` (or ``$FNLLM_ATTN_BACKEND``) when
-    given, else ``npu`` on an NPU and ``torch`` elsewhere."""
+    given, else ``npu`` on an NPU and ``torch`` elsewhere. ``batch_invariant``
+    needs the fused CPU kernels (CPU, float32 or bfloat16)."""
     device = torch.device(device)
     name = name or os.environ.get("FNLLM_ATTN_BACKEND") or ("npu" if device.type == "npu" else "torch")
+    if batch_invariant:
+        return _batch_invariant_backend(device, name, cfg=cfg, block_size=block_size, dtype=dtype)
     if name == "torch":
         from fnllm.device.cpu import TorchBackend
 
@@ -77,3 +81,21 @@ def get_attn_backend(
 
         return NpuBackend(cfg, block_size=block_size, device=device, dtype=dtype)
     raise ValueError(f"unknown attention backend {name!r} (choose from {BACKENDS})")
+
+
+def _batch_invariant_backend(device: torch.device, name: str, *, cfg, block_size: int, dtype: torch.dtype):
+    if name != "torch" or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"batch_invariant=True runs on the CPU torch backend in float32 or bfloat16; got backend {name!r}, "
+            f"device {device.type}, dtype {str(dtype).removeprefix('torch.')}"
+        )
+    from fnllm.device import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        raise ValueError("batch_invariant=True needs fnllm's fused CPU kernels, which are not available "
+                         "(FNLLM_CPU_KERNELS=0, or no C++ compiler: see README, Performance)")
+    from fnllm.device.cpu_fused import FusedCpuBackend
+
+    return FusedCpuBackend(cfg, block_size=block_size, device=device, dtype=dtype, kernels=kernels,
+                           batch_invariant=True)

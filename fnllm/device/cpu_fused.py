@@ -10,6 +10,17 @@ only, from the block holding the first of them (holes before it are never
 indexed). Prompt chunks keep the eager path (SDPA). Selected by ``get_attn_backend``
 for ``torch`` on CPU in float32/bfloat16 when the kernels build;
 ``FNLLM_CPU_KERNELS=0`` keeps the eager backend.
+
+``batch_invariant=True`` (vLLM's ``VLLM_BATCH_INVARIANT`` idea): a token's
+result does not depend on what else is in its step. Norms, rotary and SiLU
+are already per row (each row reduced whole, in one fixed order, by one
+thread). Attention: every token, prompt chunks included, goes through the
+paged kernel as a row of its own (its length: the tokens before it plus
+itself), so its scores and values are reduced block by block in position
+order whatever the batch, the chunking or the prefix-cache hits. Linears:
+oneDNN's packed GEMM gives each row the same result for any number of rows
+from 2 up (checked by the tests on the model's shapes), but a single row goes
+through a GEMV that sums in another order, so a lone row is computed as two.
 """
 
 from __future__ import annotations
@@ -33,18 +44,27 @@ class PagedDecodeMeta:
 class FusedCpuBackend(TorchBackend):
     name = "torch"
 
-    def __init__(self, cfg, *, block_size: int, device, dtype, kernels):
+    def __init__(self, cfg, *, block_size: int, device, dtype, kernels, batch_invariant: bool = False):
         super().__init__(cfg, block_size=block_size, device=device, dtype=dtype)
         self.k = kernels
+        self.batch_invariant = batch_invariant
         self._cos_sin: torch.Tensor | None = None
         self._window = 0  # the current batch's sliding window (0: none)
+
+    def linear(self, x, weight, bias=None):
+        if self.batch_invariant and x.shape[0] == 1:  # a lone row as two: the GEMM's summation order
+            return super().linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
+        return super().linear(x, weight, bias)
 
     def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:
         if self._cos_sin is None:
             self._cos_sin = cos_sin_cache.float().contiguous()
         meta = TorchMeta(num_tokens=batch.num_tokens, slot_mapping=self._tensor(batch.slot_mapping), cos=None, sin=None,
                          positions=self._tensor(batch.positions.astype(np.int64)))
-        self._window = batch.sliding_window or 0
+        self._window = batch.sliding_window or 0  # each token's row reads its own last window keys
+        if self.batch_invariant:
+            meta.decodes.append(self._per_token_meta(batch))
+            return meta
         rows = np.nonzero(batch.query_lens == 1)[0]
         if len(rows):
             nbm = -(-int(batch.seq_lens[rows].max()) // self.block_size)
@@ -57,6 +77,15 @@ class FusedCpuBackend(TorchBackend):
         for i in np.nonzero(batch.query_lens != 1)[0]:
             meta.prefills.append(self._prefill_meta(batch, int(i)))
         return meta
+
+    def _per_token_meta(self, batch: HostBatch) -> PagedDecodeMeta:
+        """Every token a paged-attention row: its row's block table, and as its
+        length its position + 1 (its own K/V are written before attention)."""
+        row_of = np.repeat(np.arange(batch.num_rows), batch.query_lens)
+        lens = batch.positions.astype(np.int64) + 1
+        nbm = -(-int(lens.max()) // self.block_size) if len(lens) else 1
+        return PagedDecodeMeta(token_idx=None, block_tables=self._tensor(batch.block_tables[row_of, :nbm].astype(np.int32)),
+                               seq_lens=self._tensor(lens.astype(np.int32)))
 
     def rms_norm(self, x, weight, eps):
         return self.k.add_rms_norm(None, x.contiguous(), weight, eps)

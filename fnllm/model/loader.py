@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,14 +93,37 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
-def _reader(path: Path, name: str) -> Callable[[], torch.Tensor]:
-    def read() -> torch.Tensor:
-        from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
 
-    return read
+class _MappedFile:
+    """One safetensors file mapped once (private, copy-on-write pages): a
+    tensor read is a view of the page cache, so loading copies each weight
+    once, into its parameter (``safe_open(...).get_tensor`` allocates and
+    fills a second copy per tensor, then opens the file again for the next)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data: torch.Tensor | None = None
+
+    def tensor(self, entry: dict) -> torch.Tensor:
+        if self._data is None:
+            import mmap
+
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                # read-only, its pages mapped up front (one call instead of a fault per page)
+                buf = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                prot=mmap.PROT_READ)
+            with warnings.catch_warnings():  # torch warns that the buffer is not writable: it is never written
+                warnings.simplefilter("ignore", UserWarning)
+                self._data = torch.frombuffer(buf, dtype=torch.uint8)[8 + n:]
+        lo, hi = entry["data_offsets"]
+        return self._data[lo:hi].view(_SAFETENSORS_DTYPES[entry["dtype"]]).view(tuple(entry["shape"]))
+
+
+def _reader(mapped: _MappedFile, entry: dict) -> Callable[[], torch.Tensor]:
+    return lambda: mapped.tensor(entry)
 
 
 def _slice_reader(path: Path, name: str) -> Callable[[int, int, int], torch.Tensor]:
@@ -137,10 +161,11 @@ def _shard_files(root: Path) -> list[Path]:
 def _hf_tensors(root: Path) -> dict[str, TensorRef]:
     tensors: dict[str, TensorRef] = {}
     for path in _shard_files(root):
+        mapped = _MappedFile(path)
         for name, entry in read_safetensors_header(path).items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in two shards: {tensors[name].file} and {path}")
-            tensors[name] = TensorRef(str(path), tuple(entry["shape"]), _reader(path, name), _slice_reader(path, name))
+            tensors[name] = TensorRef(str(path), tuple(entry["shape"]), _reader(mapped, entry), _slice_reader(path, name))
     index = root / INDEX_NAME
     if index.is_file():
         for name, file in json.loads(index.read_text())["weight_map"].items():
