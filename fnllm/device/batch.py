@@ -6,7 +6,9 @@ Rows keep the plan's order; row ``i``'s new tokens are the flat tokens
 lives in slot ``block_tables[i][p // block_size] * block_size + p % block_size``.
 ``block_tables`` is padded to a rectangle with block 0 (never read: every
 read is bounded by ``seq_lens``). ``logits_indices`` holds the flat index of
-the last token of each row that samples, in row order (``sample_rows``).
+the last token of each row that samples, in row order (``sample_rows``);
+a row with ``d`` draft tokens (speculative decoding) has ``d + 1`` of them,
+its last ``d + 1`` tokens in order, ``sample_offsets`` 0..d.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class HostBatch:
     block_tables: np.ndarray  # int32 [B, max_blocks]
     logits_indices: np.ndarray  # int64 [S]
     sample_rows: np.ndarray  # int64 [S]
+    # offset j of each logits index within its row's draft window (0 without drafts)
+    sample_offsets: np.ndarray | None = None  # int64 [S]
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +105,9 @@ def build_host_batch(
     slot_mapping = tables[row_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
     num_samples = np.asarray(plan.num_samples, dtype=np.int64).reshape(rows)
     sample_rows = np.nonzero(num_samples > 0)[0].astype(np.int64)
+    logits_indices, offsets = (qsl[1:][sample_rows] - 1).astype(np.int64), None
+    if any(plan.num_draft_tokens):
+        sample_rows, logits_indices, offsets = _draft_windows(plan, sample_rows, qsl, query_lens)
     return HostBatch(
         block_size=block_size,
         input_ids=input_ids,
@@ -111,6 +118,21 @@ def build_host_batch(
         context_lens=context_lens,
         seq_lens=seq_lens,
         block_tables=tables,
-        logits_indices=(qsl[1:][sample_rows] - 1).astype(np.int64),
+        logits_indices=logits_indices,
         sample_rows=sample_rows,
+        sample_offsets=offsets,
     )
+
+
+def _draft_windows(plan: BatchPlan, rows: np.ndarray, qsl: np.ndarray, query_lens: np.ndarray):
+    """Sampling rows, logits indices and offsets when rows carry drafts."""
+    drafts = np.asarray(plan.num_draft_tokens, dtype=np.int64)
+    bad = np.nonzero((drafts < 0) | (drafts >= query_lens))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"plan row {i} has {int(drafts[i])} draft tokens among its {int(query_lens[i])} tokens")
+    per = drafts[rows] + 1
+    sample_rows = np.repeat(rows, per)
+    offsets = np.arange(sample_rows.size, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    indices = (qsl[1:][sample_rows] - 1 - drafts[sample_rows] + offsets).astype(np.int64)
+    return sample_rows.astype(np.int64), indices, offsets

@@ -11,7 +11,9 @@ sizes, budgets or preemption is a scheduler bug. Host blocks (the swap
 tier) are emulated too: ``swap_out`` copies a device block to a host block,
 ``swap_in`` copies it back (in that order, before copies and the forward),
 so a missed, misdirected or reordered swap reads other tokens or unwritten
-KV. Imports no torch.
+KV. A row with draft tokens (speculative decoding) is sampled at each of
+its last ``1 + num_draft_tokens`` positions, from the context up to that
+position, with output position ``output_pos + j``. Imports no torch.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ class FakeExecutor:
 
     ``eos_every``: a context whose length is a multiple of it yields
     ``eos_token_id`` (when both are set), so stop handling gets exercised.
+    ``window``: when > 0, the next token depends on the last ``window``
+    tokens only (the whole context is still read and checked), so greedy
+    outputs fall into cycles that n-gram speculation predicts.
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, vocab_size: int = 97, eos_token_id: int | None = None, eos_every: int = 0
+        self, num_blocks: int, block_size: int, vocab_size: int = 97, eos_token_id: int | None = None, eos_every: int = 0,
+        window: int = 0,
     ) -> None:
+        self.window = window
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.eos_token_id, self.eos_every = eos_token_id, eos_every
@@ -53,7 +60,7 @@ class FakeExecutor:
         if self.eos_token_id is not None and self.eos_every and len(context) % self.eos_every == 0:
             return self.eos_token_id
         salt = () if sp.temperature == 0 else (sp.seed, index, out_pos)
-        return fake_next_token(context, self.vocab_size, salt)
+        return fake_next_token(context[-self.window :] if self.window else context, self.vocab_size, salt)
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         bs, kv, host = self.block_size, self.kv, self.host
@@ -71,6 +78,7 @@ class FakeExecutor:
                 p = pos + k
                 kv[table[p // bs]][p % bs] = t
         sampled = []
+        drafts = plan.num_draft_tokens or (0,) * len(plan)
         for r, (toks, pos, table, n) in enumerate(zip(plan.token_ids, plan.positions, plan.block_tables, plan.num_samples)):
             if n == 0:
                 sampled.append(())
@@ -79,7 +87,10 @@ class FakeExecutor:
             context = tuple(kv[table[p // bs]][p % bs] for p in range(end))
             if None in context:
                 raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) reads unwritten KV at {context.index(None)}")
-            sp, idx, opos = plan.sampling[r], plan.sample_index[r], plan.output_pos[r]
+            sp, idx, opos, d = plan.sampling[r], plan.sample_index[r], plan.output_pos[r], drafts[r]
+            if d:  # speculative row: one sample at each of its last d + 1 positions
+                sampled.append(tuple(self._token(context[: end - d + j], sp, idx, opos + j) for j in range(d + 1)))
+                continue
             sampled.append(tuple(self._token(context, sp, idx + j, opos) for j in range(n)))
         self.steps += 1
         return StepOutput(sampled=tuple(sampled))
