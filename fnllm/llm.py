@@ -14,7 +14,12 @@ disk tier (:mod:`fnllm.device.kv_disk`), bounded by ``kv_offload_bytes``.
 ``tensor_parallel_size`` / ``pipeline_parallel_size`` spread the model over
 worker processes (``distributed_executor_backend``: "uni", "mp" or "ray";
 default "uni" for one rank, "mp" otherwise; see :mod:`fnllm.executor`); the
-KV memory is then per rank. ``LLM`` is a context manager, ``shutdown()``
+KV memory is then per rank.
+``speculative_config`` (vLLM's dict: ``{"method": "ngram",
+"num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min":
+m}``) turns on n-gram speculative decoding (:mod:`fnllm.spec`); outputs are
+the same as without it, and ``llm.llm_engine.spec_decode_stats()`` reports
+the acceptance rate. ``LLM`` is a context manager, ``shutdown()``
 stops its workers, and an atexit hook does so at interpreter exit.
 """
 
@@ -26,7 +31,7 @@ import time
 import weakref
 from typing import Sequence
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from fnllm.engine import LLMEngine, PromptType
 from fnllm.outputs import RequestOutput
 from fnllm.state import SamplingParams
@@ -87,6 +92,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
+        speculative_config: dict | None = None,
     ) -> None:
         from fnllm.executor import make_executor
         from fnllm.model.loader import open_checkpoint
@@ -106,6 +112,7 @@ class LLM:
             num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, policy=policy,
             long_prefill_token_threshold=long_prefill_token_threshold, max_logprobs=max_logprobs,
             swap_space_bytes=int(swap_space * (1 << 30)), preemption_mode=preemption_mode, parallel=parallel,
+            speculative_config=speculative_config,
         )
         # every setting is valid: only now load the weights (in the workers, if any) and allocate the KV cache
         one_rank = dict(checkpoint=ckpt, num_host_blocks=config.cache.num_host_blocks) if parallel.backend == "uni" else {}
@@ -239,12 +246,13 @@ def _prompt_list(prompts) -> list:
 def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
                    block_size, enable_prefix_caching, enable_chunked_prefill, num_kv_blocks, kv_cache_memory, policy,
                    long_prefill_token_threshold, max_logprobs, swap_space_bytes=0, preemption_mode="recompute",
-                   parallel: ParallelConfig | None = None) -> EngineConfig:
+                   parallel: ParallelConfig | None = None, speculative_config: dict | None = None) -> EngineConfig:
     """The engine config for checkpoint config ``dcfg``: every setting checked
     (``ValueError`` naming it) before any weight is loaded."""
     from fnllm.device.executor import num_blocks_for_memory
 
     parallel = parallel or ParallelConfig()
+    SpeculativeConfig.from_dict(speculative_config)  # checked before the KV sizing touches torch
     positions = dcfg.max_position_embeddings
     if max_model_len is not None and max_model_len > positions:
         raise ValueError(
@@ -267,6 +275,7 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
             preemption_mode=preemption_mode,
         ),
         parallel=parallel,
+        speculative=speculative_config,
     )
 
 

@@ -95,6 +95,21 @@ def expected_samples(plan: BatchPlan) -> tuple[int, ...]:
     return tuple(n + d for n, d in zip(plan.num_samples, plan.num_draft_tokens))
 
 
+def spec_stats(state) -> dict:
+    """Speculative decoding so far, from an ``EngineState``'s counters:
+    drafts (rows that carried drafts), draft and accepted tokens, the
+    acceptance rate (accepted / draft tokens; None before any draft) and the
+    mean acceptance length (tokens committed per drafted row: 1 + accepted / drafts)."""
+    drafts, toks, acc = state.spec_num_drafts, state.spec_num_draft_tokens, state.spec_num_accepted_tokens
+    return {
+        "num_drafts": drafts,
+        "num_draft_tokens": toks,
+        "num_accepted_tokens": acc,
+        "acceptance_rate": acc / toks if toks else None,
+        "mean_acceptance_length": 1 + acc / drafts if drafts else None,
+    }
+
+
 def plan_drafts(step, spec: SpeculativeConfig) -> dict[int, int]:
     """Give the planned decode rows of a scheduling step (``fnllm.schedule._Step``)
     their drafts, within the budget and free blocks it has left; row -> draft count."""

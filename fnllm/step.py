@@ -235,7 +235,7 @@ def commit(state: EngineState, plan: BatchPlan, output: StepOutput, config: Engi
         for r in crossing:
             work.register_full_blocks(r, plan.positions[r], plan.positions[r] + len(plan.token_ids[r]))
     if row_of is None and plan.num_samples.count(1) == len(plan):
-        lps = None if lps_all is None else [x[0] for x in lps_all]
+        lps = None if lps_all is None else [x[0] if x else None for x in lps_all]  # () : no logprobs asked
         work.append_every_row([x[0] for x in output.sampled], lps)
         return work.finish(lps_all is not None)
     pairs: list[tuple[int, int]] = []
@@ -253,7 +253,8 @@ def commit(state: EngineState, plan: BatchPlan, output: StepOutput, config: Engi
         elif sampled:
             pairs.extend(zip([i] + work.fork(i, len(sampled) - 1), sampled))
         if lps is not None and sampled:
-            lps.extend(lps_all[r])
+            row_lps = lps_all[r]
+            lps.extend(row_lps[j] if j < len(row_lps) else None for j in range(len(sampled)))
     work.append(pairs, lps)
     return work.finish(lps_all is not None)
 
