@@ -163,7 +163,7 @@ class ParallelConfig:
 
 
 SPEC_METHODS = ("ngram",)
-SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")
 
 
 @attrs.frozen(kw_only=True)
@@ -173,14 +173,20 @@ class SpeculativeConfig:
     the most recent earlier occurrence of the sequence's last ``n`` tokens,
     ``prompt_lookup_max >= n >= prompt_lookup_min``, longest ``n`` first.
     As in vLLM, a missing ``prompt_lookup_min``/``max`` takes the other's
-    value, and both default to 5 (see :meth:`from_dict`)."""
+    value, and both default to 5 (see :meth:`from_dict`).
+    ``disable_by_batch_size`` (vLLM's name): no drafts in a step that runs at
+    least this many sequences (where verifying drafts costs more compute
+    than it saves); None: always speculate."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 5
     prompt_lookup_min: int = 5
+    disable_by_batch_size: int | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.disable_by_batch_size is not None:
+            _positive("speculative_config disable_by_batch_size", self.disable_by_batch_size)
         if self.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPEC_METHODS}, got {self.method!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
@@ -212,7 +218,7 @@ class SpeculativeConfig:
         lo = hi if lo is None else lo
         hi = lo if hi is None else hi
         return cls(method=d["method"], num_speculative_tokens=d["num_speculative_tokens"],
-                   prompt_lookup_max=hi, prompt_lookup_min=lo)
+                   prompt_lookup_max=hi, prompt_lookup_min=lo, disable_by_batch_size=d.get("disable_by_batch_size"))
 
 
 @attrs.frozen(kw_only=True)

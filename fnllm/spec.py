@@ -115,6 +115,8 @@ def plan_drafts(step, spec: SpeculativeConfig) -> dict[int, int]:
     their drafts, within the budget and free blocks it has left; row -> draft count."""
     c, rows, edit, bs = step.cols, step.rows, step.edit, step.bs
     out: dict[int, int] = {}
+    if spec.disable_by_batch_size is not None and len(rows) >= spec.disable_by_batch_size:
+        return out
     for i in sorted(rows):
         if step.budget <= 0:
             break

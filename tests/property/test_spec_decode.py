@@ -113,6 +113,10 @@ def test_speculation_accepts_on_a_cycling_workload():
     s = got.state
     assert s.spec_num_drafts > 0 and s.spec_num_accepted_tokens > s.spec_num_draft_tokens // 2
     assert len(got.plans) < len(ref.plans) // 2
+    off = run_all(attrs.evolve(base, speculative=attrs.evolve(spec, disable_by_batch_size=3)), reqs, 2, 0)
+    assert off.tokens == ref.tokens and off.state.spec_num_drafts == 0
+    some = run_all(attrs.evolve(base, speculative=attrs.evolve(spec, disable_by_batch_size=4)), reqs, 2, 0)
+    assert some.state.spec_num_drafts > 0
 
 
 def test_propose_most_recent_longest_match():
@@ -134,6 +138,8 @@ def test_config_validation():
         EngineConfig(speculative={"method": "ngram"})
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(speculative={"method": "ngram", "num_speculative_tokens": 0})
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        EngineConfig(speculative={"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0})
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         EngineConfig(speculative={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
                                   "prompt_lookup_max": 2})
