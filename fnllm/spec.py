@@ -40,13 +40,15 @@ from fnllm.state import BatchPlan, SamplingParams, cons_tuple
 # SamplingParams fields whose effect on the logits depends on the tokens
 # before each position (output counts, grammar state): rows using them are
 # not speculated (the plan carries that state per row, not per position).
-_PER_POSITION_STATE = (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                       ("guided_decoding", None))
+_NEUTRAL = (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
+_UNSET = ("guided_decoding", "bad_words")  # grammar state; multi-token bans depend on the tokens before
 
 
 def can_speculate(sp: SamplingParams) -> bool:
     """Whether a request's rows may carry drafts."""
-    return all(getattr(sp, name, off) in (off, None) for name, off in _PER_POSITION_STATE)
+    return all(getattr(sp, name, off) in (off, None) for name, off in _NEUTRAL) and not any(
+        getattr(sp, name, None) for name in _UNSET
+    )
 
 
 def propose(tokens: Sequence[int], k: int, n_max: int, n_min: int) -> tuple[int, ...]:
