@@ -36,6 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how workers run (default: uni for one rank, mp otherwise)")
     p.add_argument("--batch-invariant", action="store_true",
                    help="a request's tokens do not depend on what else is in its batch (CPU kernels)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\'')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +135,22 @@ def _make_llm(args):
         enable_prefix_caching=not args.no_prefix_caching, trace=getattr(args, "record", None),
         swap_space=args.swap_space, preemption_mode=args.preemption_mode,
         kv_offload_dir=args.kv_offload_dir, kv_offload_bytes=args.kv_offload_bytes,
-        batch_invariant=args.batch_invariant, **_parallel_kwargs(args),
+        batch_invariant=args.batch_invariant, speculative_config=_speculative(args), **_parallel_kwargs(args),
     )
+
+
+def _speculative(args) -> dict | None:
+    """``--speculative-config`` as a dict (validated by the engine config)."""
+    text = getattr(args, "speculative_config", None)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--speculative-config is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--speculative-config must be a JSON object, got {text!r}")
+    return value
 
 
 def _parallel_kwargs(args) -> dict:

@@ -175,12 +175,73 @@ class ParallelConfig:
             raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {num_layers} layers (each stage needs one)")
 
 
+SPEC_METHODS = ("ngram",)
+SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")
+
+
+@attrs.frozen(kw_only=True)
+class SpeculativeConfig:
+    """N-gram speculative decoding (prompt lookup), with vLLM's names: each
+    decode step proposes up to ``num_speculative_tokens`` tokens that followed
+    the most recent earlier occurrence of the sequence's last ``n`` tokens,
+    ``prompt_lookup_max >= n >= prompt_lookup_min``, longest ``n`` first.
+    As in vLLM, a missing ``prompt_lookup_min``/``max`` takes the other's
+    value, and both default to 5 (see :meth:`from_dict`).
+    ``disable_by_batch_size`` (vLLM's name): no drafts in a step that runs at
+    least this many sequences (where verifying drafts costs more compute
+    than it saves); None: always speculate."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 5
+    prompt_lookup_min: int = 5
+    disable_by_batch_size: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.disable_by_batch_size is not None:
+            _positive("speculative_config disable_by_batch_size", self.disable_by_batch_size)
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config method must be one of {SPEC_METHODS}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            _positive(f"speculative_config {name}", getattr(self, name))
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+    @classmethod
+    def from_dict(cls, d) -> "SpeculativeConfig | None":
+        """Build from vLLM's ``speculative_config`` dict (None or {} -> None);
+        ``ValueError`` naming an unknown key or a bad value."""
+        if d is None or isinstance(d, SpeculativeConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
+        if not d:
+            return None
+        unknown = sorted(set(d) - set(SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {unknown}; known: {list(SPEC_KEYS)}")
+        if "method" not in d or "num_speculative_tokens" not in d:
+            raise ValueError("speculative_config needs 'method' (\"ngram\") and 'num_speculative_tokens'")
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        return cls(method=d["method"], num_speculative_tokens=d["num_speculative_tokens"],
+                   prompt_lookup_max=hi, prompt_lookup_min=lo, disable_by_batch_size=d.get("disable_by_batch_size"))
+
+
 @attrs.frozen(kw_only=True)
 class EngineConfig:
     model: ModelConfig = attrs.field(factory=ModelConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     parallel: ParallelConfig = attrs.field(factory=ParallelConfig)
+    # n-gram speculative decoding; None = off
+    speculative: SpeculativeConfig | None = attrs.field(default=None, converter=SpeculativeConfig.from_dict)
 
     def __attrs_post_init__(self) -> None:
         if (

@@ -24,6 +24,7 @@ from fnllm.faults import plan_subset, repair_after_failure, rerunnable
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
 from fnllm.outputs import CompletionOutput, RequestOutput, logprob_dict
 from fnllm.schedule import schedule
+from fnllm.spec import spec_stats
 from fnllm.state import (
     BatchPlan, EngineState, Executor, Outputs, Rejection, Request, RequestOutputKind, SamplingParams, StepOutput,
 )
@@ -60,6 +61,7 @@ class _Track:
         self.tokenizer = tokenizer
         self.completions: dict[int, CompletionOutput] = {}
         self.num_cached_tokens: int | None = None
+        self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative decoding
         self.detoks: dict[int, object] = {}
         self.full_text: dict[int, str] = {}
         self.sent: dict[int, tuple[int, int]] = {}  # DELTA: tokens and characters reported, per sample
@@ -128,6 +130,7 @@ class _Track:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
             outputs=outs, finished=finished, num_cached_tokens=self.num_cached_tokens,
+            num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
         )
 
 
@@ -403,10 +406,19 @@ class LLMEngine:
         self._ended = {}
         return results
 
+    def spec_decode_stats(self) -> dict:
+        """Speculative decoding counters and acceptance rate since the engine
+        started (:func:`fnllm.spec.spec_stats`); zeros when it is off."""
+        return spec_stats(self.state)
+
     def _absorb(self, news: Outputs) -> list[RequestOutput]:
         """Fold the core's news into the tracks; the outputs due (a FINAL_ONLY
         request is due only when one of its sequences ends)."""
         touched: dict[str, None] = {}
+        for rid, _, drafted, accepted in news.spec:
+            track = self._tracks[rid]
+            track.num_draft_tokens += drafted
+            track.num_accepted_tokens += accepted
         tracks, final_only = self._tracks, RequestOutputKind.FINAL_ONLY
         for rid, idx, tok, why, stop, lp in zip(
             news.request_ids, news.indexes, news.token_ids, news.finish_reasons, news.stop_reasons,

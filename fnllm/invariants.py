@@ -20,6 +20,11 @@ Sliding window adds one:
     the first block its next step reads; no plan row is handed a hole at or
     after ``first_window_block(position)`` (so the device never reads one).
     Holes hold no reference in any tier.
+Speculative decoding adds one:
+21. Draft tokens only follow a decode row's last token (a row that samples
+    once), at most ``num_speculative_tokens`` and never past ``max_tokens``;
+    a block holding uncommitted (draft) KV is never in the prefix cache: every
+    cached block a running sequence holds lies within its committed tokens.
 Properties over whole runs (10, 11, 13 and 12's "chunks concatenate to the
 prompt") are checked by the property tests with these as building blocks.
 O(pool): for tests and debugging, never the hot path.
@@ -128,6 +133,8 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
     check_pool(pool, run.tables)
     check_tiers(state, config)
     n = len(run)
+    # between schedule and commit a row may count up to k draft tokens beyond its own (speculative decoding)
+    k_spec = config.speculative.num_speculative_tokens if config.speculative is not None else 0
     for name in COLUMNS:
         if len(getattr(run, name)) != n:
             _fail(9, f"running column {name} has {len(getattr(run, name))} rows, expected {n}")
@@ -139,8 +146,8 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
         total = len(req.prompt_token_ids) + run.num_output[i]
         if run.num_tokens[i] != total or run.sampling[i] is not req.sampling:
             _fail(9, f"seq {run.seq_ids[i]}'s cached columns disagree with its request")
-        if not 0 < nc <= total:
-            _fail(12, f"seq {run.seq_ids[i]} has num_computed {nc} outside (0, {total}]")
+        if not 0 < nc <= total + k_spec:
+            _fail(12, f"seq {run.seq_ids[i]} has num_computed {nc} outside (0, {total + k_spec}]")
         if len(table) != -(-nc // bs):
             _fail(3, f"seq {run.seq_ids[i]} holds {len(table)} blocks for {nc} computed tokens (block size {bs})")
         check_holes(table, nc, config, f"seq {run.seq_ids[i]}")
@@ -168,6 +175,10 @@ def check_holes(table: tuple[int, ...], nc: int, config: EngineConfig, who: str)
 def _check_cached_content(state: EngineState, i: int, req) -> None:
     """Invariant 5 from the sequence side: a cached block it holds has its tokens."""
     run, pool, bs = state.running, state.pool, state.pool.block_size
+    committed = min(run.num_computed[i], run.num_tokens[i])
+    for j, b in enumerate(run.tables[i][committed // bs :], start=committed // bs):
+        if b in pool.hash_of:
+            _fail(21, f"seq {run.seq_ids[i]} block {j} (id {b}) is cached but holds KV past its {committed} committed tokens")
     for j, b in enumerate(run.tables[i][: run.num_computed[i] // bs]):
         if b == HOLE:
             continue
@@ -214,6 +225,9 @@ def check_plan(before: EngineState, after: EngineState, plan: BatchPlan, config:
         _fail(7, "a sequence is scheduled twice")
     row_of = {sid: i for i, sid in enumerate(after.running.seq_ids)}
     prev = dict(zip(before.running.seq_ids, before.running.num_computed))
+    drafts = plan.num_draft_tokens or (0,) * len(plan)
+    if len(drafts) != len(plan):
+        _fail(21, f"plan has {len(drafts)} draft counts for {len(plan)} rows")
     for r, sid in enumerate(plan.seq_ids):
         toks, pos, table = plan.token_ids[r], plan.positions[r], plan.block_tables[r]
         if not toks:
@@ -232,9 +246,12 @@ def check_plan(before: EngineState, after: EngineState, plan: BatchPlan, config:
             _fail(12, f"seq {sid}'s counter {after.running.num_computed[i]} != {pos + len(toks)}")
         req = after.requests[plan.request_ids[r]]
         total = len(req.prompt_token_ids) + after.running.num_output[i]
-        want = seq_tokens(req.prompt_token_ids, after.running.outputs[i], after.running.num_output[i], pos, pos + len(toks))
-        if tuple(toks) != want or pos + len(toks) > total:
-            _fail(12, f"seq {sid}'s planned tokens are not its tokens {pos}..{pos + len(toks)}")
+        d = drafts[r]
+        own = len(toks) - d
+        _check_drafts(config, plan, r, d, own, after.running.num_output[i])
+        want = seq_tokens(req.prompt_token_ids, after.running.outputs[i], after.running.num_output[i], pos, pos + own)
+        if tuple(toks[:own]) != want or pos + own > total:
+            _fail(12, f"seq {sid}'s planned tokens are not its tokens {pos}..{pos + own}")
     in_tables = {b for t in plan.block_tables for b in t}
     for _, dst in plan.copies:
         if dst not in in_tables:
@@ -244,6 +261,22 @@ def check_plan(before: EngineState, after: EngineState, plan: BatchPlan, config:
     for sid, nc in zip(after.running.seq_ids, after.running.num_computed):
         if sid not in planned and sid in prev and nc != prev[sid]:
             _fail(12, f"unscheduled seq {sid}'s counter moved from {prev[sid]} to {nc}")
+
+
+def _check_drafts(config: EngineConfig, plan: BatchPlan, r: int, d: int, own: int, num_output: int) -> None:
+    """Invariant 21 for a plan row: drafts only follow a row's last token,
+    on a row that samples once and has sampled before, at most k of them,
+    and never past ``max_tokens``."""
+    if not d:
+        return
+    spec, sp = config.speculative, plan.sampling[r]
+    sid = plan.seq_ids[r]
+    if spec is None or d > spec.num_speculative_tokens or d < 0:
+        _fail(21, f"seq {sid} carries {d} draft tokens (speculative config: {spec})")
+    if own < 1 or plan.num_samples[r] != 1 or num_output < 1:
+        _fail(21, f"seq {sid}'s drafts are on a row that does not sample its own last token once")
+    if num_output + d + 1 > sp.max_tokens:
+        _fail(21, f"seq {sid}'s {d} drafts could run past max_tokens={sp.max_tokens} from {num_output} tokens")
 
 
 def _check_swaps(before: EngineState, after: EngineState, plan: BatchPlan) -> None:

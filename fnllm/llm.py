@@ -14,7 +14,12 @@ disk tier (:mod:`fnllm.device.kv_disk`), bounded by ``kv_offload_bytes``.
 ``tensor_parallel_size`` / ``pipeline_parallel_size`` spread the model over
 worker processes (``distributed_executor_backend``: "uni", "mp" or "ray";
 default "uni" for one rank, "mp" otherwise; see :mod:`fnllm.executor`); the
-KV memory is then per rank. ``LLM`` is a context manager, ``shutdown()``
+KV memory is then per rank.
+``speculative_config`` (vLLM's dict: ``{"method": "ngram",
+"num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min":
+m}``) turns on n-gram speculative decoding (:mod:`fnllm.spec`); outputs are
+the same as without it, and ``llm.llm_engine.spec_decode_stats()`` reports
+the acceptance rate. ``LLM`` is a context manager, ``shutdown()``
 stops its workers, and an atexit hook does so at interpreter exit.
 """
 
@@ -28,7 +33,7 @@ from typing import Sequence
 
 import attrs
 
-from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from fnllm.engine import LLMEngine, PromptType
 from fnllm.outputs import RequestOutput
 from fnllm.state import RequestOutputKind, SamplingParams
@@ -90,6 +95,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
         batch_invariant: bool = False,
+        speculative_config: dict | None = None,
     ) -> None:
         from fnllm.executor import make_executor
         from fnllm.model.loader import open_checkpoint
@@ -114,6 +120,7 @@ class LLM:
             long_prefill_token_threshold=long_prefill_token_threshold, max_logprobs=max_logprobs,
             swap_space_bytes=int(swap_space * (1 << 30)), preemption_mode=preemption_mode, parallel=parallel,
             batch_invariant=bool(batch_invariant),
+            speculative_config=speculative_config,
         )
         # every setting is valid: only now load the weights (in the workers, if any) and allocate the KV cache
         one_rank = dict(checkpoint=ckpt, num_host_blocks=config.cache.num_host_blocks) if parallel.backend == "uni" else {}
@@ -251,12 +258,14 @@ def _prompt_list(prompts) -> list:
 def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
                    block_size, enable_prefix_caching, enable_chunked_prefill, num_kv_blocks, kv_cache_memory, policy,
                    long_prefill_token_threshold, max_logprobs, swap_space_bytes=0, preemption_mode="recompute",
-                   parallel: ParallelConfig | None = None, batch_invariant: bool = False) -> EngineConfig:
+                   parallel: ParallelConfig | None = None, batch_invariant: bool = False,
+                   speculative_config: dict | None = None) -> EngineConfig:
     """The engine config for checkpoint config ``dcfg``: every setting checked
     (``ValueError`` naming it) before any weight is loaded."""
     from fnllm.device.executor import num_blocks_for_memory
 
     parallel = parallel or ParallelConfig()
+    SpeculativeConfig.from_dict(speculative_config)  # checked before the KV sizing touches torch
     positions = dcfg.max_position_embeddings
     if max_model_len is not None and max_model_len > positions:
         raise ValueError(
@@ -279,6 +288,7 @@ def _engine_config(dcfg, tokenizer, *, path, dtype, device, seed, max_model_len,
             preemption_mode=preemption_mode,
         ),
         parallel=parallel,
+        speculative=speculative_config,
     )
 
 

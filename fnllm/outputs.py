@@ -38,6 +38,10 @@ class RequestOutput:
     # prompt tokens whose KV came from a cache tier (device or host) when the
     # request was first scheduled; None until then (vLLM's field)
     num_cached_tokens: int | None = None
+    # speculative decoding (0 when off): draft tokens verified for this
+    # request (all its sequences) and how many of them were accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

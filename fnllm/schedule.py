@@ -43,6 +43,7 @@ import attrs
 from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import blocks_for, insert_waiting
+from fnllm.spec import plan_drafts
 from fnllm.state import COLUMNS, HOLE, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
 
 
@@ -81,6 +82,7 @@ class _Step:
         self.rows: dict[int, tuple] = {}
         self.preempted: list[Seq] = []
         self.idle_reason = ""
+        self.drafts: dict[int, int] = {}  # row -> draft tokens (speculative decoding)
 
     # -- preemption -----------------------------------------------------------------
     def _victim(self) -> int:
@@ -324,12 +326,15 @@ class _Step:
             swap_out=tuple(self.edit.swaps_out),
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
+            num_draft_tokens=tuple([self.drafts.get(i, 0) for i in order]) if self.drafts else (),
         )
 
 
 def schedule(state: EngineState, config: EngineConfig, *, now: float = 0.0) -> tuple[EngineState, BatchPlan]:
     """Plan the next step. ``now`` is accepted for the engine's clock but no
     decision depends on it (scheduling is a function of the state alone)."""
+    if config.speculative is not None:  # drafts are planned by the general path only
+        return schedule_general(state, config)
     fast = _all_decode(state, config)
     return fast if fast is not None else schedule_general(state, config)
 
@@ -339,6 +344,8 @@ def schedule_general(state: EngineState, config: EngineConfig) -> tuple[EngineSt
     step = _Step(state, config)
     step.schedule_running()
     admitted = 0 if step.preempted else step.admit_waiting()
+    if config.speculative is not None:
+        step.drafts = plan_drafts(step, config.speculative)
     return step.finish(admitted)
 
 

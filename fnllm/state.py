@@ -310,6 +310,11 @@ class EngineState:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # speculative decoding (never read by a decision): rows that carried
+    # drafts, draft tokens verified, draft tokens accepted
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 # -- plan and device output --------------------------------------------------------------
@@ -351,6 +356,11 @@ class BatchPlan:
     swap_out: tuple[tuple[int, int], ...] = ()
     swap_in: tuple[tuple[int, int], ...] = ()
     idle_reason: str = ""
+    # speculative decoding (:mod:`fnllm.spec`): the last ``num_draft_tokens[i]``
+    # of row ``i``'s tokens are drafts, and the device samples one token at
+    # each of the row's last ``num_draft_tokens[i] + 1`` positions (the one at
+    # offset ``j`` with output position ``output_pos[i] + j``). Empty: no drafts.
+    num_draft_tokens: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -372,7 +382,8 @@ TokenLogprobs = tuple[tuple[int, float], ...]
 @attrs.frozen(kw_only=True)
 class StepOutput:
     """What the device returns for a plan: for each plan row, the tuple of
-    ``num_samples[i]`` sampled token ids, and optionally their logprobs."""
+    ``num_samples[i]`` sampled token ids (``1 + num_draft_tokens[i]`` on a
+    row with drafts, in position order), and optionally their logprobs."""
 
     sampled: tuple[tuple[int, ...], ...] = ()
     logprobs: tuple[tuple[TokenLogprobs, ...], ...] | None = None
@@ -414,6 +425,8 @@ class Outputs:
     stop_reasons: tuple[int | str | None, ...] = ()
     logprobs: tuple[TokenLogprobs | None, ...] | None = None
     finished_requests: tuple[str, ...] = ()
+    # speculative decoding: (request_id, index, draft tokens, accepted) per row that carried drafts
+    spec: tuple[tuple[str, int, int, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)

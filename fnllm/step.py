@@ -20,6 +20,7 @@ import attrs
 from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
 from fnllm.schedule import schedule
+from fnllm.spec import expected_samples, num_accepted
 from fnllm.state import COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, seq_tokens
 
 
@@ -27,9 +28,10 @@ def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
     """``InvariantError`` unless ``output`` has the shape ``plan`` asks for and in-vocabulary tokens."""
     if len(output.sampled) != len(plan):
         raise InvariantError(f"device returned {len(output.sampled)} rows for a plan of {len(plan)}")
-    if tuple(map(len, output.sampled)) != plan.num_samples:
-        r = next(r for r, (g, w) in enumerate(zip(output.sampled, plan.num_samples)) if len(g) != w)
-        raise InvariantError(f"plan row {r} asked for {plan.num_samples[r]} samples, got {len(output.sampled[r])}")
+    want = expected_samples(plan)
+    if tuple(map(len, output.sampled)) != want:
+        r = next(r for r, (g, w) in enumerate(zip(output.sampled, want)) if len(g) != w)
+        raise InvariantError(f"plan row {r} asked for {want[r]} samples, got {len(output.sampled[r])}")
     flat = list(chain.from_iterable(output.sampled))
     if flat and (min(flat) < 0 or max(flat) >= vocab):
         raise InvariantError(f"sampled token outside the vocabulary [0, {vocab}): {min(flat)}..{max(flat)}")
@@ -84,6 +86,7 @@ class _Commit:
         self.stops: list[int | None] = []
         self.lps: list | None = None
         self.finished: list[str] = []
+        self.spec: list[tuple[str, int, int, int]] = []  # drafted rows: (request, index, drafts, accepted)
 
     def register_full_blocks(self, i: int, start: int, end: int) -> None:
         """Name the blocks that positions [start, end) completed, extending the hash chain."""
@@ -160,6 +163,43 @@ class _Commit:
             if why is not None:
                 self.whys[i], self.stops[i] = why, stop
                 self._end(i)
+
+    def append_drafted(self, i: int, pos: int, drafts: tuple, sampled: tuple, lps, lps_out: list) -> None:
+        """Row ``i`` ran ``(last token, *drafts)`` from ``pos`` and sampled
+        ``sampled`` (one per position): commit the accepted drafts and the
+        token after them, in order, up to the first that ends the sequence;
+        register the blocks now full of committed KV; give back the blocks
+        only rejected drafts used (or the whole table when it ended)."""
+        c, bs = self.cols, self.bs
+        a = num_accepted(drafts, sampled)
+        self.spec.append((c["request_ids"][i], c["indexes"][i], len(drafts), a))
+        m, why, sp = 0, None, c["sampling"][i]
+        for token in sampled[: a + 1]:
+            c["outputs"][i] = (token, c["outputs"][i])
+            nout = c["num_output"][i] = c["num_output"][i] + 1
+            c["num_tokens"][i] += 1
+            why, stop = self._reason(sp, token, nout, self.eos)
+            self.rows.append(i)
+            self.toks.append(token)
+            self.whys.append(why)
+            self.stops.append(stop)
+            if lps is not None:
+                lps_out.append(lps[m] if m < len(lps) else None)
+            m += 1
+            if why is not None:
+                break
+        kv_end = pos + 1 + min(a, m)  # committed tokens whose KV this step wrote
+        if self.config.cache.enable_prefix_caching and kv_end // bs != pos // bs:
+            self.register_full_blocks(i, pos, kv_end)
+        if why is not None:
+            self._end(i)
+            return
+        table = c["tables"][i]
+        keep = -(-kv_end // bs)
+        for b in reversed(table[keep:]):
+            self.edit.decref(b)
+        c["tables"][i] = table[:keep]
+        c["num_computed"][i] = kv_end
 
     def _end(self, i: int) -> None:
         rid = self.cols["request_ids"][i]
@@ -255,6 +295,8 @@ def commit(
     ``checked``: the caller already ran :func:`check_output` on ``output``."""
     if not checked:
         check_output(plan, output, config.model.vocab_size)
+    if any(plan.num_draft_tokens):
+        return _commit_drafted(state, plan, output, config)
     run_ids = state.running.seq_ids
     if plan.seq_ids == run_ids and plan.num_samples.count(1) == len(plan) and len(plan):
         quiet = _commit_decode(state, plan, output, config)
@@ -289,9 +331,52 @@ def commit(
         elif sampled:
             pairs.extend(zip([i] + work.fork(i, len(sampled) - 1), sampled))
         if lps is not None and sampled:
-            lps.extend(lps_all[r])
+            row_lps = lps_all[r]
+            lps.extend(row_lps[j] if j < len(row_lps) else None for j in range(len(sampled)))
     work.append(pairs, lps)
     return work.finish(lps_all is not None)
+
+
+def _commit_drafted(state: EngineState, plan: BatchPlan, output: StepOutput, config: EngineConfig) -> tuple[EngineState, Outputs]:
+    """``commit`` for a plan whose rows carry drafts (speculative decoding,
+    :mod:`fnllm.spec`): a drafted row commits its accepted drafts and the
+    token sampled after them (:meth:`_Commit.append_drafted`); the other rows
+    as ``commit`` does."""
+    work = _Commit(state, config)
+    row_of = {sid: i for i, sid in enumerate(state.running.seq_ids)}
+    caching, bs = config.cache.enable_prefix_caching, config.cache.block_size
+    lps_all = output.logprobs
+    pairs: list[tuple[int, int]] = []
+    lps_pairs: list = []
+    lps_spec: list = []
+    for r, sid in enumerate(plan.seq_ids):
+        i = row_of.get(sid)
+        if i is None:
+            continue
+        pos, toks, d, sampled = plan.positions[r], plan.token_ids[r], plan.num_draft_tokens[r], output.sampled[r]
+        row_lps = None if lps_all is None else lps_all[r]
+        if d:
+            work.append_drafted(i, pos, toks[len(toks) - d :], sampled, row_lps, lps_spec)
+            continue
+        if caching and (pos + len(toks)) // bs != pos // bs:
+            work.register_full_blocks(i, pos, pos + len(toks))
+        if len(sampled) == 1:
+            pairs.append((i, sampled[0]))
+        elif sampled:
+            pairs.extend(zip([i] + work.fork(i, len(sampled) - 1), sampled))
+        if row_lps is not None:
+            lps_pairs.extend(row_lps[j] if j < len(row_lps) else None for j in range(len(sampled)))
+    work.append(pairs, None)
+    work.lps = lps_spec + lps_pairs
+    state, outs = work.finish(lps_all is not None)
+    drafted = [(d, a) for (_, _, d, a) in work.spec]
+    state = attrs.evolve(
+        state,
+        spec_num_drafts=state.spec_num_drafts + len(drafted),
+        spec_num_draft_tokens=state.spec_num_draft_tokens + sum(d for d, _ in drafted),
+        spec_num_accepted_tokens=state.spec_num_accepted_tokens + sum(a for _, a in drafted),
+    )
+    return state, attrs.evolve(outs, spec=tuple(work.spec))
 
 
 def step(

@@ -37,6 +37,7 @@ from fnllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
 from fnllm.faults import repair_after_failure
 from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state, stage_blocks
 from fnllm.schedule import schedule
+from fnllm.spec import expected_samples
 from fnllm.state import BatchPlan, EngineState, Rejection, Request, SamplingParams, StepOutput
 from fnllm.step import commit
 
@@ -81,7 +82,7 @@ def config_to_json(config: EngineConfig) -> dict:
 def config_from_json(d: dict) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(**d["model"]), cache=CacheConfig(**d["cache"]), scheduler=SchedulerConfig(**d["scheduler"]),
-        parallel=ParallelConfig(**d.get("parallel", {})),
+        parallel=ParallelConfig(**d.get("parallel", {})), speculative=d.get("speculative"),
     )
 
 
@@ -117,6 +118,7 @@ def plan_to_json(plan: BatchPlan) -> dict:
         "copies": [list(c) for c in plan.copies],
         "swap_out": [list(c) for c in plan.swap_out],
         "swap_in": [list(c) for c in plan.swap_in],
+        **({"num_draft_tokens": list(plan.num_draft_tokens)} if plan.num_draft_tokens else {}),
     }
 
 
@@ -278,7 +280,7 @@ def replay_steps(trace: Trace, config: EngineConfig | None = None, on_stage=None
         before = state
         mid, plan = schedule(before, config)
         output = output_from_json(ev)
-        if len(output.sampled) != len(plan) or tuple(map(len, output.sampled)) != plan.num_samples:
+        if len(output.sampled) != len(plan) or tuple(map(len, output.sampled)) != expected_samples(plan):
             yield ReplayStep(ev["step"], plan, before, mid, ev)
             return
         state, _ = commit(mid, plan, output, config)

@@ -11,7 +11,9 @@ its blocks before ``first_blocks[i]`` are never read: there the plan may
 hold :data:`~fnllm.state.HOLE` (-1), which stays in ``block_tables`` (a
 backend must not index it); a hole at or after ``first_blocks[i]`` is a
 ``ValueError``. ``logits_indices`` holds the flat index of
-the last token of each row that samples, in row order (``sample_rows``).
+the last token of each row that samples, in row order (``sample_rows``);
+a row with ``d`` draft tokens (speculative decoding) has ``d + 1`` of them,
+its last ``d + 1`` tokens in order, ``sample_offsets`` 0..d.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class HostBatch:
     block_tables: np.ndarray  # int32 [B, max_blocks]
     logits_indices: np.ndarray  # int64 [S]
     sample_rows: np.ndarray  # int64 [S]
+    # offset j of each logits index within its row's draft window (0 without drafts)
+    sample_offsets: np.ndarray | None = None  # int64 [S]
     first_blocks: np.ndarray | None = None  # int32 [B]: the first block each row reads (None: 0)
     sliding_window: int | None = None
 
@@ -130,6 +134,9 @@ def build_host_batch(
     slot_mapping = tables[row_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
     num_samples = np.asarray(plan.num_samples, dtype=np.int64).reshape(rows)
     sample_rows = np.nonzero(num_samples > 0)[0].astype(np.int64)
+    logits_indices, offsets = (qsl[1:][sample_rows] - 1).astype(np.int64), None
+    if any(plan.num_draft_tokens):
+        sample_rows, logits_indices, offsets = _draft_windows(plan, sample_rows, qsl, query_lens)
     return HostBatch(
         block_size=block_size,
         input_ids=input_ids,
@@ -140,8 +147,23 @@ def build_host_batch(
         context_lens=context_lens,
         seq_lens=seq_lens,
         block_tables=tables,
-        logits_indices=(qsl[1:][sample_rows] - 1).astype(np.int64),
+        logits_indices=logits_indices,
         sample_rows=sample_rows,
         first_blocks=first,
         sliding_window=sliding_window or None,
+        sample_offsets=offsets,
     )
+
+
+def _draft_windows(plan: BatchPlan, rows: np.ndarray, qsl: np.ndarray, query_lens: np.ndarray):
+    """Sampling rows, logits indices and offsets when rows carry drafts."""
+    drafts = np.asarray(plan.num_draft_tokens, dtype=np.int64)
+    bad = np.nonzero((drafts < 0) | (drafts >= query_lens))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"plan row {i} has {int(drafts[i])} draft tokens among its {int(query_lens[i])} tokens")
+    per = drafts[rows] + 1
+    sample_rows = np.repeat(rows, per)
+    offsets = np.arange(sample_rows.size, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    indices = (qsl[1:][sample_rows] - 1 - drafts[sample_rows] + offsets).astype(np.int64)
+    return sample_rows.astype(np.int64), indices, offsets

@@ -7,7 +7,10 @@ reads each row's keys and values in place through its block table (one task
 per row and KV head, float32 softmax), so nothing is gathered into a buffer.
 With a sliding window the kernel reads each row's last ``window`` keys
 only, from the block holding the first of them (holes before it are never
-indexed). Prompt chunks keep the eager path (SDPA). Selected by ``get_attn_backend``
+indexed). Prompt chunks keep the eager path (SDPA), except short rows after a cached
+context (speculative decoding's verify rows, at most ``VERIFY_MAX_QUERY``
+tokens): each of their tokens attends as a decode row whose length ends at
+its own position (the KV of the whole row is written before attention). Selected by ``get_attn_backend``
 for ``torch`` on CPU in float32/bfloat16 when the kernels build;
 ``FNLLM_CPU_KERNELS=0`` keeps the eager backend.
 
@@ -41,6 +44,9 @@ class PagedDecodeMeta:
     seq_lens: torch.Tensor  # int32 [B]
 
 
+VERIFY_MAX_QUERY = 16  # rows of at most this many new tokens, after a cached context, attend as decode rows
+
+
 class FusedCpuBackend(TorchBackend):
     name = "torch"
 
@@ -65,16 +71,26 @@ class FusedCpuBackend(TorchBackend):
         if self.batch_invariant:
             meta.decodes.append(self._per_token_meta(batch))
             return meta
-        rows = np.nonzero(batch.query_lens == 1)[0]
-        if len(rows):
-            nbm = -(-int(batch.seq_lens[rows].max()) // self.block_size)
-            all_tokens = len(rows) == batch.num_tokens
+        q = batch.query_lens
+        # short rows over a cached context (speculative verify rows, small chunks) attend
+        # token by token like decode rows: token j of such a row is a decode row of length pos_j + 1
+        as_decode = (q == 1) | ((q <= VERIFY_MAX_QUERY) & (batch.context_lens > 0))
+        if as_decode.all() and int(q.max(initial=1)) == 1:
+            toks, tok_rows = np.arange(batch.num_tokens), np.arange(batch.num_rows)
+        else:
+            row_of = np.repeat(np.arange(batch.num_rows), q)
+            toks = np.nonzero(as_decode[row_of])[0]
+            tok_rows = row_of[toks]
+        if len(toks):
+            seq_lens = batch.positions[toks] + 1
+            nbm = -(-int(seq_lens.max()) // self.block_size)
+            all_tokens = len(toks) == batch.num_tokens
             meta.decodes.append(PagedDecodeMeta(
-                token_idx=None if all_tokens else self._tensor(batch.query_start_loc[rows].astype(np.int64)),
-                block_tables=self._tensor(batch.block_tables[rows, :nbm].astype(np.int32)),
-                seq_lens=self._tensor(batch.seq_lens[rows].astype(np.int32)),
+                token_idx=None if all_tokens else self._tensor(toks.astype(np.int64)),
+                block_tables=self._tensor(batch.block_tables[tok_rows, :nbm].astype(np.int32)),
+                seq_lens=self._tensor(seq_lens.astype(np.int32)),
             ))
-        for i in np.nonzero(batch.query_lens != 1)[0]:
+        for i in np.nonzero(~as_decode)[0]:
             meta.prefills.append(self._prefill_meta(batch, int(i)))
         return meta
 

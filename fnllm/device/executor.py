@@ -212,20 +212,22 @@ class ModelExecutor:
         if logits is None:
             return None
         rows = batch.sample_rows.tolist()
+        offsets = [0] * len(rows) if batch.sample_offsets is None else batch.sample_offsets.tolist()
+        # a draft window's position j samples as output position output_pos + j (fnllm.spec)
         reqs = [
-            SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i],
+            SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i] + j,
                           plan.request_ids[i] if plan.request_ids else "")
-            for i in rows
+            for i, j in zip(rows, offsets)
         ]
         with torch.inference_mode():
             got, lps = sample(logits, reqs, self.seed) if rows else ((), None)
         sampled = [()] * len(plan)
         for i, s in zip(rows, got):
-            sampled[i] = s
+            sampled[i] = sampled[i] + s
         logprobs = None
         if lps is not None:
             logprobs = [()] * len(plan)
             for i, lp in zip(rows, lps):
-                logprobs[i] = lp
+                logprobs[i] = logprobs[i] + lp
             logprobs = tuple(logprobs)
         return StepOutput(sampled=tuple(sampled), logprobs=logprobs)

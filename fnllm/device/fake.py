@@ -15,6 +15,9 @@ KV. With ``sliding_window`` W, a row reads only the positions its queries
 attend to (from ``position - W + 1`` on), the next token is a function of
 the last W tokens, and a hole (:data:`~fnllm.state.HOLE`) or unwritten slot
 in that range is a :class:`KVReadError`. Imports no torch.
+KV. A row with draft tokens (speculative decoding) is sampled at each of
+its last ``1 + num_draft_tokens`` positions, from the context up to that
+position, with output position ``output_pos + j``. Imports no torch.
 """
 
 from __future__ import annotations
@@ -39,12 +42,17 @@ class FakeExecutor:
 
     ``eos_every``: a context whose length is a multiple of it yields
     ``eos_token_id`` (when both are set), so stop handling gets exercised.
+    ``cycle``: when > 0, the next token depends on the last ``cycle``
+    tokens only (the whole context is still read and checked), so greedy
+    outputs fall into cycles that n-gram speculation predicts.
     """
 
     def __init__(
         self, num_blocks: int, block_size: int, vocab_size: int = 97, eos_token_id: int | None = None, eos_every: int = 0,
         sliding_window: int | None = None,
+        cycle: int = 0,
     ) -> None:
+        self.cycle = cycle
         self.block_size = block_size
         self.window = sliding_window
         self.vocab_size = vocab_size
@@ -58,7 +66,11 @@ class FakeExecutor:
         if self.eos_token_id is not None and self.eos_every and len(context) % self.eos_every == 0:
             return self.eos_token_id
         salt = () if sp.temperature == 0 else (sp.seed, index, out_pos)
-        return fake_next_token(context, self.vocab_size, salt)
+        return fake_next_token(context[-self.cycle :] if self.cycle else context, self.vocab_size, salt)
+
+    def _visible(self, context: tuple[int, ...]) -> tuple[int, ...]:
+        """The last ``sliding_window`` tokens of a query's context (all without a window)."""
+        return context[max(0, len(context) - self.window) :] if self.window else context
 
     def execute(self, plan: BatchPlan) -> StepOutput:
         bs, kv, host = self.block_size, self.kv, self.host
@@ -78,6 +90,7 @@ class FakeExecutor:
                     raise KVReadError(f"plan row {r} (seq {plan.seq_ids[r]}) writes position {p} into a hole")
                 kv[table[p // bs]][p % bs] = t
         sampled = []
+        drafts = plan.num_draft_tokens or (0,) * len(plan)
         for r, (toks, pos, table, n) in enumerate(zip(plan.token_ids, plan.positions, plan.block_tables, plan.num_samples)):
             end = pos + len(toks)
             if n == 0 and not self.window:
@@ -88,9 +101,13 @@ class FakeExecutor:
             if n == 0:
                 sampled.append(())
                 continue
-            if self.window:
-                context = context[max(0, len(context) - self.window) :]
-            sp, idx, opos = plan.sampling[r], plan.sample_index[r], plan.output_pos[r]
+            sp, idx, opos, d = plan.sampling[r], plan.sample_index[r], plan.output_pos[r], drafts[r]
+            if d:  # speculative row: one sample at each of its last d + 1 positions
+                sampled.append(tuple(
+                    self._token(self._visible(context[: end - d + j - lo]), sp, idx, opos + j) for j in range(d + 1)
+                ))
+                continue
+            context = self._visible(context)
             sampled.append(tuple(self._token(context, sp, idx + j, opos) for j in range(n)))
         self.steps += 1
         return StepOutput(sampled=tuple(sampled))

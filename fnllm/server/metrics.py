@@ -11,7 +11,11 @@ objects are thread-safe, and ``/metrics`` renders this module's own registry.
 - counters: ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``,
   ``vllm:num_preemptions_total``, ``vllm:prefix_cache_queries_total`` and
   ``vllm:prefix_cache_hits_total`` (in tokens), ``vllm:request_success_total``
-  (label ``finished_reason``: stop, length, abort, error);
+  (label ``finished_reason``: stop, length, abort, error),
+  ``vllm:spec_decode_num_drafts_total``, ``vllm:spec_decode_num_draft_tokens_total``
+  and ``vllm:spec_decode_num_accepted_tokens_total`` (speculative decoding:
+  rows that carried drafts, draft tokens verified, draft tokens accepted;
+  the acceptance rate is accepted / draft tokens);
 - histograms (seconds): ``vllm:time_to_first_token_seconds``,
   ``vllm:time_per_output_token_seconds`` (per finished request: time after
   its first token over the tokens after it), ``vllm:e2e_request_latency_seconds``.
@@ -54,10 +58,17 @@ class ServerMetrics:
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds", "End-to-end request latency.", lab, buckets=_E2E_BUCKETS, registry=reg
         )
+        self.spec_drafts = Counter("vllm:spec_decode_num_drafts", "Rows that carried speculative draft tokens.",
+                                   lab, registry=reg)
+        self.spec_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Speculative draft tokens verified.",
+                                         lab, registry=reg)
+        self.spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.",
+                                     lab, registry=reg)
         self.model_name = model_name
-        self._last = (0, 0, 0)  # core counters already exported
+        self._last = (0, 0, 0, 0, 0, 0)  # core counters already exported
         for m in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.gen_tokens, self.preemptions,
-                  self.cache_queries, self.cache_hits, self.ttft, self.tpot, self.e2e):
+                  self.cache_queries, self.cache_hits, self.ttft, self.tpot, self.e2e, self.spec_drafts,
+                  self.spec_draft_tokens, self.spec_accepted):
             m.labels(model_name)  # present from the start, at 0
         for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
@@ -69,8 +80,11 @@ class ServerMetrics:
         self.waiting.labels(m).set(waiting)
         pool = state.pool
         self.kv_usage.labels(m).set((pool.num_blocks - pool.num_free) / pool.num_blocks if pool.num_blocks else 0.0)
-        now = (state.num_preemptions, state.prefix_cache_queries, state.prefix_cache_hits)
-        for counter, new, old in zip((self.preemptions, self.cache_queries, self.cache_hits), now, self._last):
+        now = (state.num_preemptions, state.prefix_cache_queries, state.prefix_cache_hits,
+               state.spec_num_drafts, state.spec_num_draft_tokens, state.spec_num_accepted_tokens)
+        counters = (self.preemptions, self.cache_queries, self.cache_hits, self.spec_drafts, self.spec_draft_tokens,
+                    self.spec_accepted)
+        for counter, new, old in zip(counters, now, self._last):
             if new > old:
                 counter.labels(m).inc(new - old)
         self._last = now

@@ -33,4 +33,7 @@ class SimExecutor:
     def execute(self, plan: BatchPlan) -> StepOutput:
         rows = self._rows
         self.steps += 1
-        return StepOutput(sampled=tuple(rows[n] if n in rows else (self.token,) * n for n in plan.num_samples))
+        counts = plan.num_samples
+        if plan.num_draft_tokens:  # speculative rows: one token per position (every draft rejected)
+            counts = tuple(n + d for n, d in zip(counts, plan.num_draft_tokens))
+        return StepOutput(sampled=tuple(rows[n] if n in rows else (self.token,) * n for n in counts))

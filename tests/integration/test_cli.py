@@ -49,3 +49,24 @@ def test_prompts_file_output_record_and_replay(capsys, tmp_path, smollm2_path):
     trace.write_text("\n".join(lines) + "\n")
     assert main(["replay", str(trace)]) == 1
     assert f"step {rec['step']}" in capsys.readouterr().out
+
+
+def test_speculative_config_flag_generates_records_and_replays(capsys, tmp_path, smollm2_path):
+    trace = tmp_path / "spec.jsonl"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+    prompt = "one two three, one two three, one two three, one two three,"
+    rc = main(["generate", prompt, "--max-tokens", "12", "--json", "--record", str(trace), "--speculative-config", spec,
+               "--model", str(smollm2_path)])
+    assert rc == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(row["outputs"][0]["token_ids"]) == 12
+    header = json.loads(trace.read_text().splitlines()[0])
+    assert header["config"]["speculative"]["num_speculative_tokens"] == 3
+    assert any(json.loads(x).get("rows", {}).get("num_draft_tokens") for x in trace.read_text().splitlines()[1:])
+    assert main(["replay", str(trace)]) == 0
+    assert "reproduced" in capsys.readouterr().out
+    for bad, why in (("{not json", "not valid JSON"), ('{"method": "ngram"}', "num_speculative_tokens"),
+                     ('[1]', "JSON object")):
+        assert main(["generate", "hi", "--speculative-config", bad, "--model", str(smollm2_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err

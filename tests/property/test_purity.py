@@ -18,7 +18,7 @@ from fnllm.step import commit
 from tests.property.invariants import Run, snapshot
 from tests.property.strategies import engine_configs, prompts, sampling_params
 
-CORE = ("config", "state", "blocks", "lifecycle", "faults", "schedule", "step", "invariants", "trace")
+CORE = ("config", "state", "blocks", "lifecycle", "faults", "schedule", "step", "invariants", "trace", "spec")
 FORBIDDEN = {"torch", "numpy", "time", "random", "threading", "logging"}
 
 
