@@ -49,6 +49,7 @@ def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
         sample_index=pick(plan.sample_index),
         output_pos=pick(plan.output_pos),
         sampling=pick(plan.sampling),
+        guided_outputs=pick(plan.guided_outputs) if plan.guided_outputs else (),
     )
 
 

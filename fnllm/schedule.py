@@ -35,7 +35,7 @@ import attrs
 from fnllm.blocks import PoolEdit
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import blocks_for, insert_waiting
-from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
+from fnllm.state import COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, guided_outputs, seq_tokens
 
 
 def _width(sp: SamplingParams, num_output: int) -> int:
@@ -303,6 +303,8 @@ class _Step:
             swap_out=tuple(self.edit.swaps_out),
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
+            guided_outputs=guided_outputs([c["sampling"][i] for i in order], [c["outputs"][i] for i in order],
+                                          [c["num_output"][i] for i in order]),
         )
 
 
@@ -366,5 +368,6 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         output_pos=run.num_output,
         sampling=run.sampling,
         swap_out=swap_out,
+        guided_outputs=guided_outputs(run.sampling, run.outputs, run.num_output),
     )
     return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan
