@@ -53,7 +53,7 @@ class GuidedRows:
     def apply(self, plan: BatchPlan, rows: list[int], logits: torch.Tensor) -> None:
         """Mask, in place, the logits of ``rows`` (plan row ids, in logits-row order) that are guided."""
         self._step += 1
-        targets, masks_rows, terminated = [], [], []
+        targets, terminated = [], []
         for k, i in enumerate(rows):
             out = plan.guided_outputs[i] if plan.guided_outputs else None
             params = plan.sampling[i].guided_decoding
@@ -64,25 +64,17 @@ class GuidedRows:
                 terminated.append(k)
             else:
                 targets.append((k, entry))
-        if targets:
-            bitmask = self._mask_buffer(len(targets))
-            for j, (k, entry) in enumerate(targets):
-                entry.matcher.fill_next_token_bitmask(bitmask, j)
-                masks_rows.append(k)
-            self._apply_bitmask(logits, bitmask[: len(targets)], masks_rows)
+        if targets:  # bitmask row k belongs to logits row k
+            bitmask = self._mask_buffer(logits.shape[0])
+            for k, entry in targets:
+                entry.matcher.fill_next_token_bitmask(bitmask, k)
+            self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1],
+                                                 indices=[k for k, _ in targets])
         for k in terminated if len(self.stop_ids) else ():  # the grammar is complete: only a stop token may follow
             keep = logits[k, self.stop_ids].clone()
             logits[k].fill_(float("-inf"))
             logits[k, self.stop_ids] = keep
         self._evict()
-
-    def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-        if rows == list(range(logits.shape[0])):
-            self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1])
-            return
-        sub = logits[rows]
-        self.xgr.apply_token_bitmask_inplace(sub, bitmask.to(logits.device), vocab_size=logits.shape[-1])
-        logits[rows] = sub
 
     def _mask_buffer(self, n: int) -> torch.Tensor:
         if self._bitmask is None or self._bitmask.shape[0] < n:
