@@ -145,3 +145,44 @@ def test_bad_guided_params_are_clear_errors(llm):
         with pytest.raises(ValueError, match=what):
             engine.add_request("bad", [1, 2, 3], SamplingParams(guided_decoding=g))
     assert engine.state is before and not engine.has_unfinished_requests()
+
+
+def test_device_matchers_follow_the_plan(llm):
+    """GuidedRows: incremental, rebuilt (another history, a retried step, an unknown
+    sequence) and padded-vocabulary masks all equal a fresh matcher's."""
+    import torch
+
+    from fnllm.device.guided import GuidedRows
+    from fnllm.guided import grammar_compiler
+    from fnllm.state import BatchPlan, OutputTokens
+
+    tok = llm.get_tokenizer()
+    width = llm.llm_engine.config.model.vocab_size + 64  # logits wider than the tokenizer: padding ids
+    compiler = grammar_compiler(tok, width)
+    g = GuidedDecodingParams(regex=DATE)
+    sp = SamplingParams(guided_decoding=g)
+    rows = GuidedRows(compiler)
+
+    def mask(seq_id: int, ids) -> torch.Tensor:
+        logits = torch.zeros(2, width)
+        plan = BatchPlan(step=0, seq_ids=(99, seq_id), sampling=(SamplingParams(), sp),
+                         guided_outputs=(None, OutputTokens.of(ids)))
+        rows.apply(plan, [0, 1], logits)
+        assert torch.equal(logits[0], torch.zeros(width))  # the unguided row is untouched
+        return torch.isfinite(logits[1])
+
+    def fresh(ids) -> torch.Tensor:
+        return mask(1000 + len(ids) + 10 * sum(ids) % 997, ids)
+
+    date = tok.encode("2021-07-14", add_special_tokens=False)
+    other = tok.encode("1999-12-3", add_special_tokens=False)
+    for n in range(len(date) + 1):  # seq 1 steps along the date, one token a step
+        got = mask(1, date[:n])
+        assert torch.equal(got, fresh(date[:n]))
+        assert not got[llm.llm_engine.config.model.vocab_size:].any()  # padding never allowed
+    assert torch.equal(mask(1, date), fresh(date))  # the same step again
+    assert torch.equal(mask(1, other), fresh(other))  # another history (e.g. after a repair)
+    done = mask(1, date)  # complete: only stop tokens remain
+    assert set(done.nonzero().flatten().tolist()) <= set(tok.eos_token_ids)
+    eos_only = mask(1, date + [tok.eos_token_ids[0]])  # after EOS (ignore_eos): EOS forced
+    assert set(eos_only.nonzero().flatten().tolist()) == set(tok.eos_token_ids)
