@@ -108,6 +108,7 @@ def _run(engine: LLMEngine, prompts, params) -> dict:
     return done
 
 
+@pytest.mark.slow
 def test_grammar_state_survives_preemption_and_forks(llm):
     """Seeded n=2 JSON requests in a cramped pool (preempted, recomputed, their
     grammar state rebuilt) give the same tokens as in a roomy pool."""
