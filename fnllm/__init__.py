@@ -12,6 +12,7 @@ _LAZY = {
     "LLMEngine": ("fnllm.engine", "LLMEngine"),
     "AsyncLLMEngine": ("fnllm.server.async_engine", "AsyncLLMEngine"),
     "SamplingParams": ("fnllm.state", "SamplingParams"),
+    "GuidedDecodingParams": ("fnllm.state", "GuidedDecodingParams"),
     "RequestOutput": ("fnllm.outputs", "RequestOutput"),
     "CompletionOutput": ("fnllm.outputs", "CompletionOutput"),
     "RequestOutputKind": ("fnllm.state", "RequestOutputKind"),

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--guided-json", default=None, help="structured output: a JSON schema (text, or @file)")
+    g.add_argument("--guided-regex", default=None, help="structured output: a regular expression")
+    g.add_argument("--guided-choice", action="append", default=None, help="structured output: one of these (repeatable)")
+    g.add_argument("--guided-grammar", default=None, help="structured output: an EBNF grammar (text, or @file)")
     g.add_argument("--prompts-file", default=None, help="JSON lines: a string, or {prompt|messages, ...sampling}")
     g.add_argument("--output", default=None, help="write JSON lines of results here")
     g.add_argument("--json", action="store_true", help="print results as JSON instead of streaming text")
@@ -122,8 +126,27 @@ def _sampling(args, overrides: dict | None = None) -> SamplingParams:
     unknown = sorted(set(overrides or {}) - known)
     if unknown:
         raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+    guided = _guided_args(args)
+    if guided is not None:
+        kw["guided_decoding"] = guided
     kw.update(overrides or {})
     return SamplingParams(**kw)
+
+
+def _guided_args(args):
+    """--guided-json/-regex/-choice/-grammar as a GuidedDecodingParams (None without any)."""
+    from fnllm.state import GuidedDecodingParams
+
+    def text(value):
+        if value is not None and value.startswith("@"):
+            with open(value[1:], encoding="utf-8") as f:
+                return f.read()
+        return value
+
+    kw = {"json": text(getattr(args, "guided_json", None)), "regex": getattr(args, "guided_regex", None),
+          "choice": getattr(args, "guided_choice", None), "grammar": text(getattr(args, "guided_grammar", None))}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return GuidedDecodingParams(**kw) if kw else None
 
 
 def _make_llm(args):

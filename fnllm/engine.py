@@ -233,6 +233,8 @@ class LLMEngine:
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer to find them in the text; use stop_token_ids instead")
+        if params.guided_decoding is not None:
+            self._check_guided(params)
         text, ids = self._prompt_ids(prompt)
         if request_id in self._tracks:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request")
@@ -249,6 +251,14 @@ class LLMEngine:
             self.state, first, count = self.kv_offload.stage(self.state, request_id)
             if count and self.recorder is not None:
                 self.recorder.stage(self.state.step, request_id, first, count)
+
+    def _check_guided(self, params: SamplingParams) -> None:
+        """Guided decoding compiles (xgrammar, cached) for this model's vocabulary: else ``ValueError``."""
+        if self.tokenizer is None:
+            raise ValueError("guided_decoding needs the model's tokenizer (this engine has none)")
+        from fnllm.guided import grammar_compiler
+
+        grammar_compiler(self.tokenizer, self.config.model.vocab_size).compile(params.guided_decoding)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one or several requests; unknown, finished or already aborted

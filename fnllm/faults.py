@@ -50,6 +50,7 @@ def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
         output_pos=pick(plan.output_pos),
         sampling=pick(plan.sampling),
         num_draft_tokens=pick(plan.num_draft_tokens) if plan.num_draft_tokens else (),
+        guided_outputs=pick(plan.guided_outputs) if plan.guided_outputs else (),
     )
 
 

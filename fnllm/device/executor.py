@@ -150,6 +150,17 @@ class ModelExecutor:
 
     # -- a step --------------------------------------------------------------------
 
+    def _guided_rows(self):
+        """The grammar matchers of guided rows (built on first use: xgrammar and the tokenizer load lazily)."""
+        rows = getattr(self, "_guided", None)
+        if rows is None:
+            from fnllm.device.guided import GuidedRows
+            from fnllm.guided import compiler_for_model
+
+            source = str(self.gguf_path or self.model_path)
+            rows = self._guided = GuidedRows(compiler_for_model(source, self.vocab_size))
+        return rows
+
     def move_blocks(self, plan: BatchPlan) -> None:
         """The plan's tier moves (swap_out, then swap_in), then its copies."""
         if plan.swap_out or plan.swap_in:
@@ -220,6 +231,8 @@ class ModelExecutor:
             for i, j in zip(rows, offsets)
         ]
         with torch.inference_mode():
+            if plan.guided_outputs and rows:  # the grammar's token bitmask, before any sampling
+                self._guided_rows().apply(plan, rows, logits)
             got, lps = sample(logits, reqs, self.seed) if rows else ((), None)
         sampled = [()] * len(plan)
         for i, s in zip(rows, got):

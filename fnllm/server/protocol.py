@@ -28,6 +28,20 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema", description="The JSON schema the output follows.")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(_Body):
     """Fields shared by completions and chat completions."""
 
@@ -50,6 +64,13 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (only empty or null).")
     priority: int = Field(default=0, description="Lower runs first under the priority policy (vLLM's extra).")
     user: str | None = None
+    # structured outputs (vLLM's names; at most one of them, see fnllm.server.guided)
+    response_format: ResponseFormat | None = None
+    guided_json: Union[str, dict, None] = Field(default=None, description="A JSON schema the output follows.")
+    guided_regex: str | None = Field(default=None, description="A regular expression the output matches.")
+    guided_choice: list[str] | None = Field(default=None, description="The output is exactly one of these.")
+    guided_grammar: str | None = Field(default=None, description="An EBNF grammar (xgrammar's) the output follows.")
+    guided_decoding_backend: str | None = Field(default=None, description="Only 'xgrammar' (or null).")
 
 
 class CompletionRequest(_Sampling):

@@ -19,6 +19,7 @@ from typing import AsyncIterator
 
 from fnllm.errors import EngineDeadError
 from fnllm.server.async_engine import AsyncLLMEngine, QueueFullError, RequestStream
+from fnllm.server.guided import guided_params
 from fnllm.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from fnllm.state import SamplingParams
 from fnllm.tokenizer import stream_safe_len
@@ -120,6 +121,7 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_field: st
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or (), stop_token_ids=req.stop_token_ids or (),
             include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos, logprobs=logprobs,
+            guided_decoding=guided_params(req),
         )
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e), prompt_field)) from None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from fnllm.cli import main
 
@@ -70,3 +73,22 @@ def test_speculative_config_flag_generates_records_and_replays(capsys, tmp_path,
         assert main(["generate", "hi", "--speculative-config", bad, "--model", str(smollm2_path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and why in err[0], err
+
+
+@pytest.mark.slow
+def test_guided_flags_record_and_device_replay(capsys, tmp_path, smollm2_path):
+    """--guided-regex output matches; its trace replays exactly, on the model too (grammar state from the plans)."""
+    pytest.importorskip("xgrammar")
+    date = r"\d{4}-\d{2}-\d{2}"
+    out, trace = tmp_path / "o.jsonl", tmp_path / "t.jsonl"
+    rc = main(["generate", "--chat", "When was the moon landing?", "--guided-regex", date, "--temperature", "1.0",
+               "--seed", "3", "--max-tokens", "16", "--json", "--output", str(out), "--record", str(trace),
+               "--model", str(smollm2_path)])
+    assert rc == 0
+    text = json.loads(out.read_text().splitlines()[0])["outputs"][0]["text"]
+    assert re.fullmatch(date, text), text
+    capsys.readouterr()
+    assert main(["replay", str(trace), "--device", "cpu"]) == 0
+    assert "reproduced" in capsys.readouterr().out
+    assert main(["generate", "hi", "--guided-regex", date, "--guided-choice", "a", "--model", str(smollm2_path)]) == 2
+    assert "exactly one" in capsys.readouterr().err

@@ -77,7 +77,8 @@ def _small_vocab(config: EngineConfig, spec: SpeculativeConfig | None) -> Engine
        eos_every=st.sampled_from((0, 0, 11)))
 def test_same_tokens_with_and_without_speculation(reqs, config, spec, window, eos_every):
     got = run_all(_small_vocab(config, spec), reqs, window, eos_every)
-    ref = run_all(REFERENCE, [r for r in reqs if r.request_id not in got.rejected], window, eos_every)
+    ref_config = attrs.evolve(REFERENCE, cache=attrs.evolve(REFERENCE.cache, sliding_window=config.cache.sliding_window))
+    ref = run_all(ref_config, [r for r in reqs if r.request_id not in got.rejected], window, eos_every)
     assert got.tokens == ref.tokens
     assert got.finish == ref.finish
     s = got.state
