@@ -55,6 +55,10 @@ def tokenizer_info(tokenizer, vocab_size: int):
     stops = list(tokenizer.eos_token_ids)
     hf = getattr(backend, "tok", None)
     if hf is not None:
+        if type(hf).__module__.startswith("tokenizers"):  # the tokenizers-only backend: xgrammar wants transformers'
+            from transformers import PreTrainedTokenizerFast
+
+            hf = PreTrainedTokenizerFast(tokenizer_object=hf)
         return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stops)
     sp = getattr(backend, "sp", None)
     if sp is None:
