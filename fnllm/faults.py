@@ -49,6 +49,8 @@ def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
         sample_index=pick(plan.sample_index),
         output_pos=pick(plan.output_pos),
         sampling=pick(plan.sampling),
+        history=pick(plan.history) if plan.history else (),
+        prompt_targets=pick(plan.prompt_targets) if plan.prompt_targets else (),
     )
 
 

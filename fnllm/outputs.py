@@ -38,6 +38,12 @@ class RequestOutput:
     # prompt tokens whose KV came from a cache tier (device or host) when the
     # request was first scheduled; None until then (vLLM's field)
     num_cached_tokens: int | None = None
+    # with SamplingParams.prompt_logprobs: per prompt token, ``{token_id: logprob}``
+    # for it and the top ones (None for the first token, as in vLLM); entries
+    # not yet computed are None too. ``prompt_logprob_ranks``: each prompt
+    # token's rank (1 = the most likely), as vLLM's Logprob.rank.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

@@ -83,6 +83,62 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _token_id(name: str, value: Any) -> int:
+    """A token id from an int or a string of one (OpenAI's logit_bias keys); ValueError naming ``name``."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} keys must be token ids (integers), got {value!r}") from None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must hold token ids (integers), got {value!r}")
+    value = value.__index__()
+    if value < 0:
+        raise ValueError(f"{name} holds a negative token id {value}")
+    return value
+
+
+def _to_bias(value: Any) -> Map:
+    """``logit_bias`` as an immutable ``{token_id: bias}`` (dict, pairs, or string keys)."""
+    if value is None:
+        return EMPTY_MAP
+    if isinstance(value, Map):
+        return value
+    items = value.items() if hasattr(value, "items") else value
+    out = {}
+    try:
+        for k, v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"logit_bias values must be finite numbers, got {v!r} for token {k!r}")
+            out[_token_id("logit_bias", k)] = float(v)
+    except TypeError:
+        raise ValueError(f"logit_bias must be a dict from token id to bias, got {value!r}") from None
+    return Map(out)
+
+
+def _to_allowed(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"allowed_token_ids must be a list of token ids, got {value!r}")
+    return tuple(_token_id("allowed_token_ids", t) for t in value)
+
+
+def _to_words(value: Any) -> tuple[tuple[int, ...], ...]:
+    if value is None:
+        return ()
+    try:
+        return tuple(tuple(_token_id("bad_words_token_ids", t) for t in w) for w in value)
+    except TypeError:
+        raise ValueError(f"bad_words_token_ids must be a list of token id lists, got {value!r}") from None
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value > high or value < low:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """vLLM's sampling parameters, validated on construction.
@@ -90,6 +146,20 @@ class SamplingParams:
     ``top_k`` of -1 or 0 and ``top_p`` of 1 switch those filters off;
     ``temperature`` 0 is greedy. ``seed`` makes the request's random stream a
     function of (seed, sample index, output position) only.
+
+    Logits processing, vLLM's semantics and order (all off by default):
+    ``allowed_token_ids`` keeps only those ids; ``bad_words`` (strings) bans
+    each word's last token where its other tokens end the output so far (the
+    engine tokenizes them at add time, with and without a leading space, into
+    ``bad_words_token_ids``, which can also be given directly); ``logit_bias``
+    adds a bias per token id; then ``repetition_penalty`` (> 0: divides the
+    positive and multiplies the negative logits of every token in the prompt
+    or output), ``frequency_penalty`` (subtracts penalty x count in the output)
+    and ``presence_penalty`` (subtracts it once per token seen in the output),
+    both in [-2, 2]. ``prompt_logprobs``: the logprob of every prompt token
+    (and the top ones) but the first; ``truncate_prompt_tokens``: keep only the
+    prompt's last k tokens. Token ids are checked against the vocabulary when
+    the request is added.
     """
 
     n: int = 1
@@ -105,6 +175,17 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Map = attrs.field(default=None, converter=_to_bias)
+    allowed_token_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_to_allowed)
+    bad_words: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = attrs.field(default=(), converter=_to_words)
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    # derived (not an argument): sampling reads the sequence's tokens (penalties, bad words)
+    needs_history: bool = attrs.field(init=False, default=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -133,10 +214,40 @@ class SamplingParams:
             _check_int("stop_token_ids entry", i, 0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0)
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must hold at least one token id (or be None)")
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip():
+                raise ValueError(f"bad_words must hold non-empty strings, got {w!r}")
+        for w in self.bad_words_token_ids:
+            if not w:
+                raise ValueError("bad_words_token_ids must hold non-empty token id lists")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        object.__setattr__(self, "needs_history", bool(self.bad_words_token_ids) or self.needs_counts)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_counts(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the device changes this row's logits before sampling."""
+        return self.needs_history or bool(self.logit_bias) or self.allowed_token_ids is not None
 
 
 # -- requests and sequences ----------------------------------------------------------
@@ -315,6 +426,8 @@ class BatchPlan:
     swap_out: tuple[tuple[int, int], ...] = ()
     swap_in: tuple[tuple[int, int], ...] = ()
     idle_reason: str = ""
+    history: tuple[tuple, ...] = ()
+    prompt_targets: tuple[tuple[int, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -331,15 +444,20 @@ class BatchPlan:
 
 # A sampled token's logprobs: ((sampled_id, logprob), (top1_id, lp), ...).
 TokenLogprobs = tuple[tuple[int, float], ...]
+# A prompt token's: (its rank, ((token_id, logprob), (top1_id, lp), ...)).
+PromptLogprob = tuple[int, TokenLogprobs]
 
 
 @attrs.frozen(kw_only=True)
 class StepOutput:
     """What the device returns for a plan: for each plan row, the tuple of
-    ``num_samples[i]`` sampled token ids, and optionally their logprobs."""
+    ``num_samples[i]`` sampled token ids, and optionally their logprobs;
+    ``prompt_logprobs[i]`` one :data:`PromptLogprob` per ``plan.prompt_targets[i]``
+    (None when the plan asked for none)."""
 
     sampled: tuple[tuple[int, ...], ...] = ()
     logprobs: tuple[tuple[TokenLogprobs, ...], ...] | None = None
+    prompt_logprobs: tuple[tuple[PromptLogprob, ...], ...] | None = None
 
 
 class Executor(Protocol):

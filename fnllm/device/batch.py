@@ -114,3 +114,13 @@ def build_host_batch(
         logits_indices=(qsl[1:][sample_rows] - 1).astype(np.int64),
         sample_rows=sample_rows,
     )
+
+
+def prompt_logprob_indices(plan: BatchPlan, batch: HostBatch) -> np.ndarray | None:
+    """Flat indices of the positions whose logits give ``plan.prompt_targets``
+    (row by row, in order), or None when the plan asks for none."""
+    counts = [len(t) for t in plan.prompt_targets]
+    if not any(counts):
+        return None
+    starts = batch.query_start_loc[:-1]
+    return np.concatenate([np.arange(k, dtype=np.int64) + int(starts[i]) for i, k in enumerate(counts) if k])

@@ -6,7 +6,8 @@ it out, and (with ``num_host_blocks``) a host tier of the same layout
 (:mod:`fnllm.device.kv_tiers`). A step: the plan's swaps and block copies
 (``plan.swap_out``, ``plan.swap_in``, ``plan.copies``, all layers, before
 anything else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
-metadata, the forward (logits only for rows that sample), then sampling. It
+metadata, the forward (logits only for rows that sample, and for the prompt
+positions whose logprobs the plan asks for), then sampling. It
 keeps no per-request state: everything a step needs is in its plan.
 
 As one rank of a parallel model (``shard`` and ``groups``, built by
@@ -18,14 +19,16 @@ rank 0 of the last stage) samples: the others' ``execute`` returns None.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import numpy as np
 import torch
 
 from fnllm.device.attention import get_attn_backend, resolve_device
-from fnllm.device.batch import HostBatch, build_host_batch
+from fnllm.device.batch import HostBatch, build_host_batch, prompt_logprob_indices
 from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
-from fnllm.device.sampling import SampleRequest, sample
+from fnllm.device.sampling import SampleRequest, prompt_logprobs, sample
 from fnllm.model.loader import Checkpoint, load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
 from fnllm.model.parallel import local_config
@@ -187,13 +190,23 @@ class ModelExecutor:
         if not len(plan):
             return StepOutput(sampled=())
         batch = self._host_batch(plan)
+        plp_index = prompt_logprob_indices(plan, batch) if plan.prompt_targets else None
+        if plp_index is not None:  # logits of the prompt positions too, after the sampling rows'
+            batch = dataclasses.replace(batch, logits_indices=np.concatenate([batch.logits_indices, plp_index]))
         logits = self.forward(batch)
         if logits is None:
             return None
+        prompt_lps = None
+        if plp_index is not None:
+            n_plp = len(plp_index)
+            logits, plp_logits = logits[: len(logits) - n_plp], logits[len(logits) - n_plp :]
+            with torch.inference_mode():
+                prompt_lps = prompt_logprobs(plp_logits, plan)
         rows = batch.sample_rows.tolist()
+        hist = plan.history
         reqs = [
             SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i],
-                          plan.request_ids[i] if plan.request_ids else "")
+                          plan.request_ids[i] if plan.request_ids else "", hist[i] if hist else ())
             for i in rows
         ]
         with torch.inference_mode():
@@ -207,4 +220,4 @@ class ModelExecutor:
             for i, lp in zip(rows, lps):
                 logprobs[i] = lp
             logprobs = tuple(logprobs)
-        return StepOutput(sampled=tuple(sampled), logprobs=logprobs)
+        return StepOutput(sampled=tuple(sampled), logprobs=logprobs, prompt_logprobs=prompt_lps)
