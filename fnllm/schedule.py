@@ -40,7 +40,7 @@ from fnllm.blocks import PoolEdit
 from fnllm.config import EngineConfig
 from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.state import (
-    COLUMNS, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, cons_tuple, seq_tokens,
+    COLUMNS, BatchPlan, EngineState, OutputIds, Request, Running, SamplingParams, Seq, SeqStatus, seq_tokens,
 )
 
 
@@ -348,7 +348,7 @@ def _history(requests, sampling, num_samples, outputs, num_output, request_ids) 
             out.append(())
             continue
         prompt = requests[rid].prompt_token_ids if sp.repetition_penalty != 1 else ()
-        out.append((prompt, cons_tuple(cell, nout)))
+        out.append((prompt, OutputIds(cell, nout)))
     return tuple(out)
 
 

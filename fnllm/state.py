@@ -57,6 +57,53 @@ def cons_tuple(cell: Cons, n: int | None = None) -> tuple[int, ...]:
     return tuple(out)
 
 
+class OutputIds:
+    """A sequence's output ids as plan data, O(1) to build: its cons cell and
+    length, read as a tuple (``tokens``, memoized; ``last(k)`` reads only the
+    newest ``k``). Compares, hashes, prints and pickles as that tuple, so a
+    plan holding one is plain data (digests, replay, other processes); the
+    cell lets a device extend what it derived for the cell before (same
+    object) by the one new token instead of rereading the whole output."""
+
+    __slots__ = ("cell", "n", "_tokens")
+
+    def __init__(self, cell: Cons, n: int) -> None:
+        self.cell, self.n, self._tokens = cell, n, None
+
+    @classmethod
+    def of(cls, tokens) -> "OutputIds":
+        tokens = tuple(tokens)
+        return cls(cons_push_all(None, tokens), len(tokens))
+
+    def tokens(self) -> tuple[int, ...]:
+        if self._tokens is None:
+            self._tokens = cons_tuple(self.cell, self.n)
+        return self._tokens
+
+    def last(self, k: int) -> tuple[int, ...]:
+        return cons_tuple(self.cell, min(k, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.tokens())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, OutputIds):
+            return self.n == other.n and (self.cell is other.cell or self.tokens() == other.tokens())
+        return isinstance(other, tuple) and self.tokens() == other
+
+    def __hash__(self) -> int:
+        return hash(self.tokens())
+
+    def __repr__(self) -> str:
+        return repr(self.tokens())
+
+    def __reduce__(self):
+        return (OutputIds.of, (self.tokens(),))
+
+
 def seq_tokens(prompt: tuple[int, ...], output: Cons, num_output: int, start: int, end: int) -> tuple[int, ...]:
     """Tokens ``[start, end)`` of the sequence ``prompt + output``."""
     plen = len(prompt)
@@ -410,6 +457,15 @@ class BatchPlan:
     swap_in, copies, forward; the core guarantees that no host block is both
     a swap_in source and a swap_out target of one plan, and that every
     device block a row reads is on the device by then.
+
+    Logits processing reads only plan data: ``history[i]`` is, for a row that
+    samples with penalties or bad words, ``(prompt ids, output ids so far)``
+    (the output as :class:`OutputIds`; the prompt part empty unless
+    ``repetition_penalty`` needs it), and ``()`` for every other row;
+    ``prompt_targets[i]`` is, for a prefill row of a request with
+    ``prompt_logprobs``, the prompt tokens at positions ``positions[i] + 1 ..``
+    (as many as its chunk predicts), whose logprobs the device returns.
+    Either column is ``()`` when no row needs it.
     """
 
     step: int

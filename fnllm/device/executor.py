@@ -8,7 +8,9 @@ it out, and (with ``num_host_blocks``) a host tier of the same layout
 anything else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
 metadata, the forward (logits only for rows that sample, and for the prompt
 positions whose logprobs the plan asks for), then sampling. It
-keeps no per-request state: everything a step needs is in its plan.
+keeps no per-request state: everything a step needs is in its plan (the
+penalties' token counts are memoized by the identity of the plan's immutable
+values, :class:`~fnllm.device.penalties.CountMemo`: a cache, never a source).
 
 As one rank of a parallel model (``shard`` and ``groups``, built by
 :class:`fnllm.device.worker.Worker`) it holds only its shard of the weights
@@ -28,6 +30,7 @@ import torch
 from fnllm.device.attention import get_attn_backend, resolve_device
 from fnllm.device.batch import HostBatch, build_host_batch, prompt_logprob_indices
 from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
+from fnllm.device.penalties import CountMemo
 from fnllm.device.sampling import SampleRequest, prompt_logprobs, sample
 from fnllm.model.loader import Checkpoint, load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
@@ -102,6 +105,7 @@ class ModelExecutor:
             num_host_blocks = host_blocks_for_memory(swap_space_bytes, local.kv_block_bytes(block_size, element))
         self.num_host_blocks = num_host_blocks
         self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
+        self._counts = CountMemo()  # penalties' token counts, derived from plan data only
 
     @classmethod
     def from_engine_config(cls, config, *, attn_backend: str | None = None) -> "ModelExecutor":
@@ -210,7 +214,8 @@ class ModelExecutor:
             for i in rows
         ]
         with torch.inference_mode():
-            got, lps = sample(logits, reqs, self.seed) if rows else ((), None)
+            got, lps = sample(logits, reqs, self.seed, self._counts) if rows else ((), None)
+        self._counts.end_step()
         sampled = [()] * len(plan)
         for i, s in zip(rows, got):
             sampled[i] = s

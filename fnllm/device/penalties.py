@@ -7,27 +7,71 @@ and, for penalties and bad words, its ``history`` (prompt ids, output ids
 so far). Rows that ask for none of it are not touched (their logits are the
 very same values), and every operation is elementwise per row, so a row's
 processed logits do not depend on the rest of the batch: seeded sampling
-stays batch-invariant.
+stays batch-invariant. Counting a long output every step would cost
+O(length) per row: :class:`CountMemo` (held by the executor) extends the
+previous step's counts by the one new token instead.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fnllm.state import SamplingParams
+from fnllm.state import OutputIds, SamplingParams
 
 
-def _bins(seqs: list[tuple[int, ...]], vocab: int, device) -> torch.Tensor:
+def _count(tokens, vocab: int, device) -> torch.Tensor:
+    ids = torch.tensor(tuple(tokens), dtype=torch.int64, device=device)
+    return torch.bincount(ids, minlength=vocab).to(torch.float32)
+
+
+class CountMemo:
+    """Token counts derived from plan data only, memoized by the identity of
+    the plan's immutable values: an output's cons cell (the counts of the
+    cell before it plus its one token) and a prompt tuple. An entry lives
+    one step past its last use; a miss recounts from the plan, so the counts
+    never depend on the memo (they are exact small integers either way)."""
+
+    def __init__(self) -> None:
+        self._prev: dict = {}
+        self._now: dict = {}
+
+    def _get(self, key_obj, make) -> torch.Tensor:
+        hit = self._now.get(id(key_obj)) or self._prev.get(id(key_obj))
+        if hit is not None and hit[0] is key_obj:
+            value = hit[1]
+        else:
+            value = make()
+        self._now[id(key_obj)] = (key_obj, value)
+        return value
+
+    def output_counts(self, out, vocab: int, device) -> torch.Tensor:
+        if not isinstance(out, OutputIds):
+            return _count(out, vocab, device)
+        cell = out.cell
+
+        def make() -> torch.Tensor:
+            before = None if cell is None else self._prev.get(id(cell[1]))
+            if before is not None and before[0] is cell[1]:
+                counts = before[1].clone()
+                counts[cell[0]] += 1
+                return counts
+            return _count(out.tokens(), vocab, device)
+
+        return self._get(cell, make)
+
+    def prompt_counts(self, prompt: tuple, vocab: int, device) -> torch.Tensor:
+        return self._get(prompt, lambda: _count(prompt, vocab, device))
+
+    def end_step(self) -> None:
+        self._prev, self._now = self._now, {}
+
+
+def _counts(seqs, vocab: int, device, memo: CountMemo | None, prompt: bool) -> torch.Tensor:
     """Counts ``[len(seqs), vocab]`` of each row's token ids (float32)."""
-    width = max((len(s) for s in seqs), default=0)
-    counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32, device=device)
-    if width:
-        ids = torch.full((len(seqs), width), vocab, dtype=torch.int64)  # padding lands in the extra bin
-        for r, s in enumerate(seqs):
-            if s:
-                ids[r, : len(s)] = torch.tensor(s, dtype=torch.int64)
-        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, dtype=torch.float32, device=device))
-    return counts[:, :vocab]
+    if memo is None:
+        return torch.stack([_count(s, vocab, device) for s in seqs])
+    get = memo.prompt_counts if prompt else memo.output_counts
+    return torch.stack([get(s, vocab, device) for s in seqs])
 
 
 def banned_by_words(words: tuple[tuple[int, ...], ...], output: tuple[int, ...]) -> list[int]:
@@ -37,12 +81,14 @@ def banned_by_words(words: tuple[tuple[int, ...], ...], output: tuple[int, ...])
         head = len(w) - 1
         if head > len(output):
             continue
-        if head == 0 or tuple(output[len(output) - head :]) == tuple(w[:head]):
+        tail = output.last(head) if isinstance(output, OutputIds) else tuple(output[len(output) - head :])
+        if head == 0 or tail == tuple(w[:head]):
             out.append(w[-1])
     return out
 
 
-def process_rows(x: torch.Tensor, params: list[SamplingParams], history: list[tuple]) -> torch.Tensor:
+def process_rows(x: torch.Tensor, params: list[SamplingParams], history: list[tuple],
+                 memo: CountMemo | None = None) -> torch.Tensor:
     """The processed logits of rows ``x`` (float32, a new tensor)."""
     x = x.to(torch.float32, copy=True)
     rows, vocab = x.shape
@@ -63,12 +109,12 @@ def process_rows(x: torch.Tensor, params: list[SamplingParams], history: list[tu
     if counted:
         idx = torch.tensor(counted, device=dev)
         y = x.index_select(0, idx)
-        outputs = _bins([history[r][1] for r in counted], vocab, dev)
+        outputs = _counts([history[r][1] for r in counted], vocab, dev, memo, prompt=False)
         seen_out = outputs > 0
         rep = torch.tensor([params[r].repetition_penalty for r in counted], dtype=torch.float32, device=dev)[:, None]
         freq = torch.tensor([params[r].frequency_penalty for r in counted], dtype=torch.float32, device=dev)[:, None]
         pres = torch.tensor([params[r].presence_penalty for r in counted], dtype=torch.float32, device=dev)[:, None]
-        seen = seen_out | (_bins([history[r][0] for r in counted], vocab, dev) > 0)
+        seen = seen_out | (_counts([history[r][0] for r in counted], vocab, dev, memo, prompt=True) > 0)
         rep = torch.where(seen, rep, torch.ones((), device=dev))
         y = torch.where(y > 0, y / rep, y * rep)
         y = y - freq * outputs - pres * seen_out.float()
@@ -76,7 +122,8 @@ def process_rows(x: torch.Tensor, params: list[SamplingParams], history: list[tu
     return x
 
 
-def apply_processing(logits: torch.Tensor, params: list[SamplingParams], history: list[tuple]) -> torch.Tensor:
+def apply_processing(logits: torch.Tensor, params: list[SamplingParams], history: list[tuple],
+                     memo: CountMemo | None = None) -> torch.Tensor:
     """``logits`` (row ``i`` <-> ``params[i]``, ``history[i]``) with every row
     that asks for it processed; ``logits`` itself when no row does. The
     result is float32 whenever a row was processed (the others' values unchanged)."""
@@ -85,6 +132,6 @@ def apply_processing(logits: torch.Tensor, params: list[SamplingParams], history
         return logits
     out = logits.to(torch.float32, copy=True)
     idx = torch.tensor(rows, device=logits.device)
-    done = process_rows(out.index_select(0, idx), [params[i] for i in rows], [history[i] for i in rows])
+    done = process_rows(out.index_select(0, idx), [params[i] for i in rows], [history[i] for i in rows], memo)
     out.index_copy_(0, idx, done)
     return out

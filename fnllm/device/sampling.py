@@ -101,7 +101,7 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits.index_select(0, torch.tensor(rows, device=logits.device))
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0):
+def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0, memo=None):
     """Draw tokens for every row of ``logits`` (row ``i`` <-> ``reqs[i]``).
 
     Returns ``(sampled, logprobs)``: per row a tuple of ``num_samples`` ids,
@@ -109,7 +109,7 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0):
     no row asked for logprobs.
     """
     raw = logits  # logprobs are of the raw logits (vLLM's default)
-    logits = apply_processing(logits, [r.params for r in reqs], [r.history for r in reqs])
+    logits = apply_processing(logits, [r.params for r in reqs], [r.history for r in reqs], memo)
     tokens: list[list[int]] = [[0] * r.num_samples for r in reqs]
     greedy = [i for i, r in enumerate(reqs) if r.params.temperature < SAMPLING_EPS]
     if greedy:

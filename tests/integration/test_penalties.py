@@ -202,3 +202,17 @@ def test_replay_is_exact_with_penalties_and_prompt_logprobs(executor, tmp_path):
     assert any("prompt_logprobs" in e for e in trace.events if e["type"] == "step")
     assert verify(trace) is None
     assert verify_device(trace, executor) is None
+
+
+def test_count_memo_extends_counts_and_matches_a_recount():
+    from fnllm.device.penalties import CountMemo
+    from fnllm.state import OutputIds
+
+    memo, cell, toks = CountMemo(), None, []
+    for t in (5, 9, 5, 7, 5, 200):
+        cell, toks = (t, cell), toks + [t]
+        got = memo.output_counts(OutputIds(cell, len(toks)), VOCAB, "cpu")
+        assert torch.equal(got, torch.bincount(torch.tensor(toks), minlength=VOCAB).float())
+        memo.end_step()
+    fresh = CountMemo().output_counts(OutputIds(cell, len(toks)), VOCAB, "cpu")  # a miss recounts
+    assert torch.equal(fresh, got)

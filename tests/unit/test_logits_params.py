@@ -137,3 +137,16 @@ def test_trace_round_trip_keeps_processing_params():
     back = request_from_json(json.loads(json.dumps(request_to_json(req))))
     assert back.sampling == sp and back.sampling.needs_history
     assert attrs.evolve(sp, bad_words_token_ids=()).needs_history  # penalties alone
+
+
+def test_output_ids_read_compare_and_pickle_as_a_tuple():
+    import pickle
+
+    from fnllm.state import OutputIds, cons_push_all
+
+    cell = cons_push_all(None, [4, 5, 6])
+    out = OutputIds(cell, 3)
+    assert out.tokens() == (4, 5, 6) and out.last(2) == (5, 6) and len(out) == 3 and list(out) == [4, 5, 6]
+    assert out == (4, 5, 6) and out == OutputIds.of([4, 5, 6]) and repr(out) == "(4, 5, 6)"
+    back = pickle.loads(pickle.dumps(out))
+    assert back == out and back.cell == cell
