@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guided-regex", default=None, help="structured output: a regular expression")
     g.add_argument("--guided-choice", action="append", default=None, help="structured output: one of these (repeatable)")
     g.add_argument("--guided-grammar", default=None, help="structured output: an EBNF grammar (text, or @file)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]: penalize tokens already generated")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]: penalize by generated count")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0 (vLLM's): > 1 discourages repeats")
+    g.add_argument("--logit-bias", type=json.loads, default=None, metavar="JSON",
+                   help='token id -> bias as a JSON object, e.g. \'{"50256": -100}\'')
+    g.add_argument("--bad-word", action="append", default=[], dest="bad_words", help="a word never generated (repeatable)")
     g.add_argument("--prompts-file", default=None, help="JSON lines: a string, or {prompt|messages, ...sampling}")
     g.add_argument("--output", default=None, help="write JSON lines of results here")
     g.add_argument("--json", action="store_true", help="print results as JSON instead of streaming text")
@@ -119,10 +125,12 @@ def _sampling(args, overrides: dict | None = None) -> SamplingParams:
     kw = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, logit_bias=args.logit_bias, bad_words=tuple(args.bad_words),
     )
     import attrs
 
-    known = {f.name for f in attrs.fields(SamplingParams)}
+    known = {f.name for f in attrs.fields(SamplingParams) if f.init}
     unknown = sorted(set(overrides or {}) - known)
     if unknown:
         raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
@@ -223,6 +231,7 @@ def _as_json(out) -> dict:
             for c in out.outputs
         ],
         "error": out.error,
+        **({"prompt_logprobs": out.prompt_logprobs} if out.prompt_logprobs is not None else {}),
     }
 
 

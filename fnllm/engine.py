@@ -21,7 +21,7 @@ import attrs
 from fnllm.config import EngineConfig
 from fnllm.errors import EngineDeadError
 from fnllm.faults import plan_subset, repair_after_failure, rerunnable
-from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state
+from fnllm.lifecycle import abort_request, add_request, finish_sequence, initial_state, truncated
 from fnllm.outputs import CompletionOutput, RequestOutput, logprob_dict
 from fnllm.schedule import schedule
 from fnllm.spec import spec_stats
@@ -65,6 +65,20 @@ class _Track:
         self.detoks: dict[int, object] = {}
         self.full_text: dict[int, str] = {}
         self.sent: dict[int, tuple[int, int]] = {}  # DELTA: tokens and characters reported, per sample
+        self.prompt_lps: list | None = None
+        self.prompt_ranks: list | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_lps, self.prompt_ranks = [None] * len(prompt_ids), [None] * len(prompt_ids)
+
+    def add_prompt_logprobs(self, first: int, entries) -> None:
+        """Entries for prompt tokens ``first, first + 1, ...``; the first value
+        computed for a position is kept (a recompute after preemption repeats them)."""
+        lps, ranks = self.prompt_lps, self.prompt_ranks
+        if lps is None:
+            return
+        for p, (rank, entry) in enumerate(entries, first):
+            if p < len(lps) and lps[p] is None:
+                lps[p], ranks[p] = logprob_dict(entry), rank
 
     def completion(self, index: int) -> CompletionOutput:
         c = self.completions.get(index)
@@ -130,9 +144,10 @@ class _Track:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
             outputs=outs, finished=finished, num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=None if self.prompt_lps is None else list(self.prompt_lps),
+            prompt_logprob_ranks=None if self.prompt_ranks is None else list(self.prompt_ranks),
             num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
         )
-
 
     def _snapshot(self, c: CompletionOutput, delta: bool) -> CompletionOutput:
         lps = c.logprobs
@@ -238,7 +253,10 @@ class LLMEngine:
         text, ids = self._prompt_ids(prompt)
         if request_id in self._tracks:
             raise ValueError(f"request_id {request_id!r} is already in use by a live request")
-        req = Request(request_id=request_id, prompt_token_ids=tuple(ids), sampling=params, priority=priority)
+        if params.bad_words:
+            params = self._resolve_bad_words(params)
+        req = truncated(Request(request_id=request_id, prompt_token_ids=tuple(ids), sampling=params, priority=priority))
+        ids = list(req.prompt_token_ids)
         out = add_request(self.state, req, self.config)
         if isinstance(out, Rejection):
             raise ValueError(f"request {request_id!r} rejected: {out.reason}")
@@ -247,7 +265,7 @@ class LLMEngine:
         self._unscheduled.add(request_id)
         if self.recorder is not None:
             self.recorder.add(self.state.step, out.requests[request_id], arrival=self._clock())
-        if self.kv_offload is not None:  # disk reads happen here, before the step that needs them
+        if self.kv_offload is not None and params.prompt_logprobs is None:  # disk reads, before the step that needs them
             self.state, first, count = self.kv_offload.stage(self.state, request_id)
             if count and self.recorder is not None:
                 self.recorder.stage(self.state.step, request_id, first, count)
@@ -259,6 +277,16 @@ class LLMEngine:
         from fnllm.guided import grammar_compiler
 
         grammar_compiler(self.tokenizer, self.config.model.vocab_size).compile(params.guided_decoding)
+
+    def _resolve_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with its ``bad_words`` tokenized into ``bad_words_token_ids``."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer; give bad_words_token_ids instead")
+        from fnllm.tokenizer import bad_words_token_ids
+
+        words = bad_words_token_ids(self.tokenizer, params.bad_words)
+        merged = tuple(dict.fromkeys(params.bad_words_token_ids + words))
+        return attrs.evolve(params, bad_words_token_ids=merged)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Abort one or several requests; unknown, finished or already aborted
@@ -297,6 +325,8 @@ class LLMEngine:
             return self._recover(before, plan, error)
         state, news = commit(mid, plan, output, self.config, checked=True)
         self.last_news = news
+        if output.prompt_logprobs is not None:
+            self._note_prompt_logprobs(plan, output)
         results = self._deliver_ended()
         self.state, self.last_plan, self.consecutive_failures = state, plan, 0
         if self.recorder is not None:
@@ -392,6 +422,12 @@ class LLMEngine:
 
         search(list(dict.fromkeys(plan.request_ids)), error)
         return culprits, healthy
+
+    def _note_prompt_logprobs(self, plan: BatchPlan, output: StepOutput) -> None:
+        for rid, pos, entries in zip(plan.request_ids, plan.positions, output.prompt_logprobs):
+            track = self._tracks.get(rid)
+            if entries and track is not None:
+                track.add_prompt_logprobs(pos + 1, entries)
 
     def _note_cached(self, plan: BatchPlan) -> None:
         """A request's first plan row starts at its cached prefix (any tier)."""

@@ -51,6 +51,8 @@ def plan_subset(plan: BatchPlan, rows: list[int]) -> BatchPlan:
         sampling=pick(plan.sampling),
         num_draft_tokens=pick(plan.num_draft_tokens) if plan.num_draft_tokens else (),
         guided_outputs=pick(plan.guided_outputs) if plan.guided_outputs else (),
+        history=pick(plan.history) if plan.history else (),
+        prompt_targets=pick(plan.prompt_targets) if plan.prompt_targets else (),
     )
 
 

@@ -108,13 +108,42 @@ def validate_request(state: EngineState, request: Request, config: EngineConfig)
         return f"logprobs={sp.logprobs} exceeds the vocabulary size {vocab}"
     if sp.n > sched.max_num_seqs:
         return f"n={sp.n} exceeds max_num_seqs={sched.max_num_seqs}"
+    reason = _check_processing(sp, config)
+    if reason is not None:
+        return reason
     if not sched.enable_chunked_prefill and len(prompt) > sched.max_num_batched_tokens:
         return f"prompt has {len(prompt)} tokens, more than max_num_batched_tokens with chunked prefill off"
     return None
 
 
+def _check_processing(sp, config: EngineConfig) -> str | None:
+    """The logits-processing parameters against the vocabulary and limits (vLLM's checks)."""
+    vocab, top = config.model.vocab_size, config.model.max_logprobs
+    if sp.prompt_logprobs is not None and sp.prompt_logprobs > min(top, vocab):
+        return f"prompt_logprobs={sp.prompt_logprobs} exceeds max_logprobs={top} (vocabulary size {vocab})"
+    if sp.truncate_prompt_tokens is not None and sp.truncate_prompt_tokens > config.scheduler.max_model_len:
+        return (f"truncate_prompt_tokens={sp.truncate_prompt_tokens} exceeds "
+                f"max_model_len={config.scheduler.max_model_len}")
+    for name, ids in (("logit_bias", sp.logit_bias.keys()), ("allowed_token_ids", sp.allowed_token_ids or ()),
+                      ("bad_words", [t for w in sp.bad_words_token_ids for t in w])):
+        bad = sorted({t for t in ids if t >= vocab})
+        if bad:
+            return f"{name} holds token ids {bad[:5]} outside the vocabulary [0, {vocab})"
+    return None
+
+
+def truncated(request: Request) -> Request:
+    """``request`` with only the last ``truncate_prompt_tokens`` prompt tokens (idempotent)."""
+    k = request.sampling.truncate_prompt_tokens
+    if k is None or len(request.prompt_token_ids) <= k:
+        return request
+    return attrs.evolve(request, prompt_token_ids=request.prompt_token_ids[-k:])
+
+
 def add_request(state: EngineState, request: Request, config: EngineConfig) -> EngineState | Rejection:
-    """Queue ``request`` (its ``arrival`` is assigned here), or reject it."""
+    """Queue ``request`` (its ``arrival`` is assigned here; its prompt cut to
+    ``truncate_prompt_tokens``), or reject it."""
+    request = truncated(request)
     reason = validate_request(state, request, config)
     if reason is not None:
         return Rejection(request_id=str(request.request_id), reason=reason)

@@ -42,6 +42,12 @@ class RequestOutput:
     # request (all its sequences) and how many of them were accepted
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # with SamplingParams.prompt_logprobs: per prompt token, ``{token_id: logprob}``
+    # for it and the top ones (None for the first token, as in vLLM); entries
+    # not yet computed are None too. ``prompt_logprob_ranks``: each prompt
+    # token's rank (1 = the most likely), as vLLM's Logprob.rank.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

@@ -85,6 +85,11 @@ def _first_token_diff(step: int, plan, expected: StepOutput, actual: StepOutput,
                 pos = plan.output_pos[r]
                 detail = f"  request {plan.request_ids[r]!r} sample {plan.sample_index[r] + j} output position {pos}: expected token {te}, got {ta}"
                 return Divergence(step, "token", (plan.request_ids[r],), detail)
+    if expected.prompt_logprobs is not None and actual.prompt_logprobs is not None:
+        for r, (e, a) in enumerate(zip(expected.prompt_logprobs, actual.prompt_logprobs)):
+            for (_, se), (_, sa) in zip(e, a):
+                if any(abs(x[1] - y[1]) > tol or x[0] != y[0] for x, y in zip(se, sa)):
+                    return Divergence(step, "logprob", (plan.request_ids[r],), f"  prompt: expected {se}, got {sa}")
     if expected.logprobs is not None and actual.logprobs is not None:
         for r, (e, a) in enumerate(zip(expected.logprobs, actual.logprobs)):
             for se, sa in zip(e, a):

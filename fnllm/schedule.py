@@ -8,7 +8,9 @@ then, if nothing was preempted, waiting sequences are admitted in policy
 order (FCFS, or priority then arrival), strictly: the first that does not
 fit stops admission. A new sequence starts with its longest cached prefix
 counted as computed (device tier first, then the host tier, whose blocks
-are swapped in). When blocks run out, the lowest-priority, latest running
+are swapped in); a request with ``prompt_logprobs`` reads no cached prefix
+(every prompt position must be computed for its logprobs), as in vLLM, but
+its blocks are cached for later requests. When blocks run out, the lowest-priority, latest running
 sequence is preempted and returns to the waiting queue in its original
 order: by recompute (blocks freed, counter reset, output kept), or under
 ``preemption_mode="swap"`` by moving its KV to host blocks (``swap_out``;
@@ -46,6 +48,7 @@ from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.spec import plan_drafts
 from fnllm.state import (
     COLUMNS, HOLE, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, guided_outputs,
+    OutputIds,
     seq_tokens,
 )
 
@@ -238,7 +241,8 @@ class _Step:
             return self._admit_swapped(seq, req, total)
         hits: list[int] = []
         host_hits: list[int] = []
-        if self.config.cache.enable_prefix_caching:
+        # prompt_logprobs need every prompt position computed: such a request reads no cached prefix
+        if self.config.cache.enable_prefix_caching and req.sampling.prompt_logprobs is None:
             wanted = seq.hashes[: (total - 1) // bs]
             hits = edit.lookup(wanted)
             if edit.offload and len(hits) < len(wanted):
@@ -255,7 +259,7 @@ class _Step:
         evictable = sum(1 for b in hits if edit.ref.get(b, 0) == 0)
         if edit.num_free - evictable < need:
             return self._no_room(req, need, edit.num_free - evictable)
-        if self.config.cache.enable_prefix_caching:
+        if self.config.cache.enable_prefix_caching and req.sampling.prompt_logprobs is None:
             self.queries += total
             self.hits += nc
         for b in hits:
@@ -332,7 +336,46 @@ class _Step:
             num_draft_tokens=tuple([self.drafts.get(i, 0) for i in order]) if self.drafts else (),
             guided_outputs=guided_outputs([c["sampling"][i] for i in order], [c["outputs"][i] for i in order],
                                           [c["num_output"][i] for i in order]),
+            history=_history(self.requests, [c["sampling"][i] for i in order], [r[2] for r in plan_rows],
+                             [c["outputs"][i] for i in order], [c["num_output"][i] for i in order],
+                             [c["request_ids"][i] for i in order]),
+            prompt_targets=self._prompt_targets(order, plan_rows),
         )
+
+    def _prompt_targets(self, order: list[int], plan_rows: list[tuple]) -> tuple[tuple[int, ...], ...]:
+        """Per row, the prompt tokens whose logprobs its chunk predicts (requests
+        with ``prompt_logprobs``, before their first output); () when none."""
+        c = self.cols
+        want = [i for i in order if c["sampling"][i].prompt_logprobs is not None and not c["num_output"][i]]
+        if not want:
+            return ()
+        out = []
+        for i, (toks, pos, _, _) in zip(order, plan_rows):
+            prompt = self.requests[c["request_ids"][i]].prompt_token_ids
+            if c["sampling"][i].prompt_logprobs is None or c["num_output"][i] or pos + 1 >= len(prompt):
+                out.append(())
+            else:
+                out.append(prompt[pos + 1 : min(pos + len(toks) + 1, len(prompt))])
+        return tuple(out)
+
+
+_NEEDS_HISTORY = attrgetter("needs_history")
+
+
+def _history(requests, sampling, num_samples, outputs, num_output, request_ids) -> tuple:
+    """The plan's ``history`` column: ``(prompt, output)`` for each sampling
+    row whose params read the sequence's tokens, ``()`` for the others;
+    ``()`` altogether when no row needs it."""
+    if not any(map(_NEEDS_HISTORY, sampling)):
+        return ()
+    out = []
+    for sp, n, cell, nout, rid in zip(sampling, num_samples, outputs, num_output, request_ids):
+        if not (n and sp.needs_history):
+            out.append(())
+            continue
+        prompt = requests[rid].prompt_token_ids if sp.repetition_penalty != 1 else ()
+        out.append((prompt, OutputIds(cell, nout)))
+    return tuple(out)
 
 
 def schedule(state: EngineState, config: EngineConfig, *, now: float = 0.0) -> tuple[EngineState, BatchPlan]:
@@ -421,5 +464,6 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         sampling=run.sampling,
         swap_out=swap_out,
         guided_outputs=guided_outputs(run.sampling, run.outputs, run.num_output),
+        history=_history(state.requests, run.sampling, (1,) * n, run.outputs, run.num_output, run.request_ids),
     )
     return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan

@@ -67,6 +67,53 @@ def cons_tuple(cell: Cons, n: int | None = None) -> tuple[int, ...]:
     return tuple(out)
 
 
+class OutputIds:
+    """A sequence's output ids as plan data, O(1) to build: its cons cell and
+    length, read as a tuple (``tokens``, memoized; ``last(k)`` reads only the
+    newest ``k``). Compares, hashes, prints and pickles as that tuple, so a
+    plan holding one is plain data (digests, replay, other processes); the
+    cell lets a device extend what it derived for the cell before (same
+    object) by the one new token instead of rereading the whole output."""
+
+    __slots__ = ("cell", "n", "_tokens")
+
+    def __init__(self, cell: Cons, n: int) -> None:
+        self.cell, self.n, self._tokens = cell, n, None
+
+    @classmethod
+    def of(cls, tokens) -> "OutputIds":
+        tokens = tuple(tokens)
+        return cls(cons_push_all(None, tokens), len(tokens))
+
+    def tokens(self) -> tuple[int, ...]:
+        if self._tokens is None:
+            self._tokens = cons_tuple(self.cell, self.n)
+        return self._tokens
+
+    def last(self, k: int) -> tuple[int, ...]:
+        return cons_tuple(self.cell, min(k, self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.tokens())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, OutputIds):
+            return self.n == other.n and (self.cell is other.cell or self.tokens() == other.tokens())
+        return isinstance(other, tuple) and self.tokens() == other
+
+    def __hash__(self) -> int:
+        return hash(self.tokens())
+
+    def __repr__(self) -> str:
+        return repr(self.tokens())
+
+    def __reduce__(self):
+        return (OutputIds.of, (self.tokens(),))
+
+
 def seq_tokens(prompt: tuple[int, ...], output: Cons, num_output: int, start: int, end: int) -> tuple[int, ...]:
     """Tokens ``[start, end)`` of the sequence ``prompt + output``."""
     plen = len(prompt)
@@ -182,6 +229,62 @@ def _guided(value: Any) -> Any:
     return value
 
 
+def _token_id(name: str, value: Any) -> int:
+    """A token id from an int or a string of one (OpenAI's logit_bias keys); ValueError naming ``name``."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} keys must be token ids (integers), got {value!r}") from None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must hold token ids (integers), got {value!r}")
+    value = value.__index__()
+    if value < 0:
+        raise ValueError(f"{name} holds a negative token id {value}")
+    return value
+
+
+def _to_bias(value: Any) -> Map:
+    """``logit_bias`` as an immutable ``{token_id: bias}`` (dict, pairs, or string keys)."""
+    if value is None:
+        return EMPTY_MAP
+    if isinstance(value, Map):
+        return value
+    items = value.items() if hasattr(value, "items") else value
+    out = {}
+    try:
+        for k, v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"logit_bias values must be finite numbers, got {v!r} for token {k!r}")
+            out[_token_id("logit_bias", k)] = float(v)
+    except TypeError:
+        raise ValueError(f"logit_bias must be a dict from token id to bias, got {value!r}") from None
+    return Map(out)
+
+
+def _to_allowed(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"allowed_token_ids must be a list of token ids, got {value!r}")
+    return tuple(_token_id("allowed_token_ids", t) for t in value)
+
+
+def _to_words(value: Any) -> tuple[tuple[int, ...], ...]:
+    if value is None:
+        return ()
+    try:
+        return tuple(tuple(_token_id("bad_words_token_ids", t) for t in w) for w in value)
+    except TypeError:
+        raise ValueError(f"bad_words_token_ids must be a list of token id lists, got {value!r}") from None
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value > high or value < low:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """vLLM's sampling parameters, validated on construction.
@@ -189,6 +292,20 @@ class SamplingParams:
     ``top_k`` of -1 or 0 and ``top_p`` of 1 switch those filters off;
     ``temperature`` 0 is greedy. ``seed`` makes the request's random stream a
     function of (seed, sample index, output position) only.
+
+    Logits processing, vLLM's semantics and order (all off by default):
+    ``allowed_token_ids`` keeps only those ids; ``bad_words`` (strings) bans
+    each word's last token where its other tokens end the output so far (the
+    engine tokenizes them at add time, with and without a leading space, into
+    ``bad_words_token_ids``, which can also be given directly); ``logit_bias``
+    adds a bias per token id; then ``repetition_penalty`` (> 0: divides the
+    positive and multiplies the negative logits of every token in the prompt
+    or output), ``frequency_penalty`` (subtracts penalty x count in the output)
+    and ``presence_penalty`` (subtracts it once per token seen in the output),
+    both in [-2, 2]. ``prompt_logprobs``: the logprob of every prompt token
+    (and the top ones) but the first; ``truncate_prompt_tokens``: keep only the
+    prompt's last k tokens. Token ids are checked against the vocabulary when
+    the request is added.
     """
 
     n: int = 1
@@ -206,6 +323,17 @@ class SamplingParams:
     logprobs: int | None = None
     output_kind: RequestOutputKind = attrs.field(default=RequestOutputKind.CUMULATIVE, converter=_output_kind)
     guided_decoding: GuidedDecodingParams | None = attrs.field(default=None, converter=_guided)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Map = attrs.field(default=None, converter=_to_bias)
+    allowed_token_ids: tuple[int, ...] | None = attrs.field(default=None, converter=_to_allowed)
+    bad_words: tuple[str, ...] = attrs.field(default=(), converter=_to_tuple)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = attrs.field(default=(), converter=_to_words)
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    # derived (not an argument): sampling reads the sequence's tokens (penalties, bad words)
+    needs_history: bool = attrs.field(init=False, default=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -236,10 +364,40 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0)
         if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
             raise ValueError(f"guided_decoding must be a GuidedDecodingParams, got {type(self.guided_decoding).__name__}")
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must hold at least one token id (or be None)")
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip():
+                raise ValueError(f"bad_words must hold non-empty strings, got {w!r}")
+        for w in self.bad_words_token_ids:
+            if not w:
+                raise ValueError("bad_words_token_ids must hold non-empty token id lists")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0)
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        object.__setattr__(self, "needs_history", bool(self.bad_words_token_ids) or self.needs_counts)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_counts(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the device changes this row's logits before sampling."""
+        return self.needs_history or bool(self.logit_bias) or self.allowed_token_ids is not None
 
 
 # -- requests and sequences ----------------------------------------------------------
@@ -460,6 +618,15 @@ class BatchPlan:
     swap_in, copies, forward; the core guarantees that no host block is both
     a swap_in source and a swap_out target of one plan, and that every
     device block a row reads is on the device by then.
+
+    Logits processing reads only plan data: ``history[i]`` is, for a row that
+    samples with penalties or bad words, ``(prompt ids, output ids so far)``
+    (the output as :class:`OutputIds`; the prompt part empty unless
+    ``repetition_penalty`` needs it), and ``()`` for every other row;
+    ``prompt_targets[i]`` is, for a prefill row of a request with
+    ``prompt_logprobs``, the prompt tokens at positions ``positions[i] + 1 ..``
+    (as many as its chunk predicts), whose logprobs the device returns.
+    Either column is ``()`` when no row needs it.
     """
 
     step: int
@@ -485,6 +652,8 @@ class BatchPlan:
     # others); () when no row is guided. The device rebuilds its grammar
     # state from it, so preemption, forks and replay stay exact.
     guided_outputs: tuple[OutputTokens | None, ...] = ()
+    history: tuple[tuple, ...] = ()
+    prompt_targets: tuple[tuple[int, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -501,16 +670,21 @@ class BatchPlan:
 
 # A sampled token's logprobs: ((sampled_id, logprob), (top1_id, lp), ...).
 TokenLogprobs = tuple[tuple[int, float], ...]
+# A prompt token's: (its rank, ((token_id, logprob), (top1_id, lp), ...)).
+PromptLogprob = tuple[int, TokenLogprobs]
 
 
 @attrs.frozen(kw_only=True)
 class StepOutput:
     """What the device returns for a plan: for each plan row, the tuple of
     ``num_samples[i]`` sampled token ids (``1 + num_draft_tokens[i]`` on a
-    row with drafts, in position order), and optionally their logprobs."""
+    row with drafts, in position order), and optionally their logprobs;
+    ``prompt_logprobs[i]`` one :data:`PromptLogprob` per ``plan.prompt_targets[i]``
+    (None when the plan asked for none)."""
 
     sampled: tuple[tuple[int, ...], ...] = ()
     logprobs: tuple[tuple[TokenLogprobs, ...], ...] | None = None
+    prompt_logprobs: tuple[tuple[PromptLogprob, ...], ...] | None = None
 
 
 class Executor(Protocol):

@@ -32,6 +32,9 @@ def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
     if tuple(map(len, output.sampled)) != want:
         r = next(r for r, (g, w) in enumerate(zip(output.sampled, want)) if len(g) != w)
         raise InvariantError(f"plan row {r} asked for {want[r]} samples, got {len(output.sampled[r])}")
+    plp = output.prompt_logprobs
+    if plp is not None and tuple(map(len, plp)) != tuple(map(len, plan.prompt_targets or ((),) * len(plan))):
+        raise InvariantError("device returned prompt logprobs that do not match the plan's prompt_targets")
     flat = list(chain.from_iterable(output.sampled))
     if flat and (min(flat) < 0 or max(flat) >= vocab):
         raise InvariantError(f"sampled token outside the vocabulary [0, {vocab}): {min(flat)}..{max(flat)}")

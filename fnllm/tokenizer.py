@@ -481,3 +481,20 @@ def stream_safe_len(text: str, stops: Sequence[str], include_stop_str_in_output:
                 hold = k
                 break
     return len(text) - hold
+
+
+def bad_words_token_ids(tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Token sequences that ``bad_words`` bans, as vLLM forms them: each word
+    (leading spaces stripped) as it is tokenized at the start of a text, and
+    with a leading space (how it appears mid-text) when that gives a
+    different first token and as many tokens."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        bare = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        if not bare:
+            raise ValueError(f"bad_words entry {word!r} tokenizes to nothing")
+        out.append(bare)
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return tuple(dict.fromkeys(out))

@@ -15,7 +15,8 @@ happened:
 - ``{"type": "stage", "step": s, "request_id": ..., "first": j, "count": k}`` (prompt blocks
   ``j .. j+k-1`` of a request read from the disk tier into the host tier)
 - ``{"type": "step", "step": s, "plan": <plan digest>, "state": <state digest after commit>,
-  "n": <rows>, "sampled": [[...], ...], "logprobs": ... | null, "rows": <the plan>}``
+  "n": <rows>, "sampled": [[...], ...], "logprobs": ... | null, "rows": <the plan>}``, plus
+  ``"prompt_logprobs": [[[rank, [[id, lp], ...]], ...], ...]`` when the step computed any
 
 ``s`` is the engine's step counter when the event happened; replay applies
 an input event with step ``s`` just before step ``s`` is scheduled. Each line is
@@ -90,10 +91,17 @@ def request_to_json(req: Request) -> dict:
     return {
         "request_id": req.request_id,
         "prompt_token_ids": list(req.prompt_token_ids),
-        "sampling": attrs.asdict(req.sampling),
+        "sampling": _sampling_to_json(req.sampling),
         "priority": req.priority,
         "extra_keys": list(req.extra_keys),
     }
+
+
+def _sampling_to_json(sp: SamplingParams) -> dict:
+    """The init arguments; logit_bias as a JSON object (string keys, read back as ids)."""
+    d = attrs.asdict(sp, filter=lambda a, _: a.init)
+    d["logit_bias"] = {str(k): v for k, v in sp.logit_bias.items()}
+    return d
 
 
 def request_from_json(d: dict) -> Request:
@@ -126,14 +134,20 @@ def output_to_json(output: StepOutput) -> dict:
     lps = None
     if output.logprobs is not None:
         lps = [[[list(p) for p in sample] for sample in row] for row in output.logprobs]
-    return {"sampled": [list(s) for s in output.sampled], "logprobs": lps}
+    out = {"sampled": [list(s) for s in output.sampled], "logprobs": lps}
+    if output.prompt_logprobs is not None:  # [[rank, [[id, lp], ...]], ...] per row
+        out["prompt_logprobs"] = [[[rank, [list(p) for p in e]] for rank, e in row] for row in output.prompt_logprobs]
+    return out
 
 
 def output_from_json(d: dict) -> StepOutput:
     lps = d.get("logprobs")
     if lps is not None:
         lps = tuple(tuple(tuple((int(t), float(v)) for t, v in sample) for sample in row) for row in lps)
-    return StepOutput(sampled=tuple(tuple(s) for s in d["sampled"]), logprobs=lps)
+    plp = d.get("prompt_logprobs")
+    if plp is not None:
+        plp = tuple(tuple((int(rank), tuple((int(t), float(v)) for t, v in e)) for rank, e in row) for row in plp)
+    return StepOutput(sampled=tuple(tuple(s) for s in d["sampled"]), logprobs=lps, prompt_logprobs=plp)
 
 
 # -- writing and reading --------------------------------------------------------------------

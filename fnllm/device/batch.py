@@ -167,3 +167,13 @@ def _draft_windows(plan: BatchPlan, rows: np.ndarray, qsl: np.ndarray, query_len
     offsets = np.arange(sample_rows.size, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
     indices = (qsl[1:][sample_rows] - 1 - drafts[sample_rows] + offsets).astype(np.int64)
     return sample_rows.astype(np.int64), indices, offsets
+
+
+def prompt_logprob_indices(plan: BatchPlan, batch: HostBatch) -> np.ndarray | None:
+    """Flat indices of the positions whose logits give ``plan.prompt_targets``
+    (row by row, in order), or None when the plan asks for none."""
+    counts = [len(t) for t in plan.prompt_targets]
+    if not any(counts):
+        return None
+    starts = batch.query_start_loc[:-1]
+    return np.concatenate([np.arange(k, dtype=np.int64) + int(starts[i]) for i, k in enumerate(counts) if k])

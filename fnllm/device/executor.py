@@ -6,8 +6,11 @@ it out, and (with ``num_host_blocks``) a host tier of the same layout
 (:mod:`fnllm.device.kv_tiers`). A step: the plan's swaps and block copies
 (``plan.swap_out``, ``plan.swap_in``, ``plan.copies``, all layers, before
 anything else), plan -> host batch (pure, :mod:`fnllm.device.batch`) -> backend
-metadata, the forward (logits only for rows that sample), then sampling. It
-keeps no per-request state: everything a step needs is in its plan.
+metadata, the forward (logits only for rows that sample, and for the prompt
+positions whose logprobs the plan asks for), then sampling. It
+keeps no per-request state: everything a step needs is in its plan (the
+penalties' token counts are memoized by the identity of the plan's immutable
+values, :class:`~fnllm.device.penalties.CountMemo`: a cache, never a source).
 
 As one rank of a parallel model (``shard`` and ``groups``, built by
 :class:`fnllm.device.worker.Worker`) it holds only its shard of the weights
@@ -18,15 +21,18 @@ rank 0 of the last stage) samples: the others' ``execute`` returns None.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
+import numpy as np
 import torch
 
 from fnllm.device.attention import get_attn_backend, resolve_device
-from fnllm.device.batch import HostBatch, build_host_batch
+from fnllm.device.batch import HostBatch, build_host_batch, prompt_logprob_indices
 from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
-from fnllm.device.sampling import SampleRequest, sample
+from fnllm.device.penalties import CountMemo
+from fnllm.device.sampling import SampleRequest, prompt_logprobs, sample
 from fnllm.model.loader import Checkpoint, load_model, open_checkpoint, torch_dtype
 from fnllm.model.model_config import DecoderConfig
 from fnllm.model.parallel import local_config
@@ -119,6 +125,7 @@ class ModelExecutor:
             num_host_blocks = host_blocks_for_memory(swap_space_bytes, local.kv_block_bytes(block_size, element))
         self.num_host_blocks = num_host_blocks
         self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
+        self._counts = CountMemo()  # penalties' token counts, derived from plan data only
 
     @classmethod
     def from_engine_config(cls, config, *, attn_backend: str | None = None) -> "ModelExecutor":
@@ -219,21 +226,32 @@ class ModelExecutor:
         if not len(plan):
             return StepOutput(sampled=())
         batch = self._host_batch(plan)
+        plp_index = prompt_logprob_indices(plan, batch) if plan.prompt_targets else None
+        if plp_index is not None:  # logits of the prompt positions too, after the sampling rows'
+            batch = dataclasses.replace(batch, logits_indices=np.concatenate([batch.logits_indices, plp_index]))
         logits = self.forward(batch)
         if logits is None:
             return None
+        prompt_lps = None
+        if plp_index is not None:
+            n_plp = len(plp_index)
+            logits, plp_logits = logits[: len(logits) - n_plp], logits[len(logits) - n_plp :]
+            with torch.inference_mode():
+                prompt_lps = prompt_logprobs(plp_logits, plan)
         rows = batch.sample_rows.tolist()
         offsets = [0] * len(rows) if batch.sample_offsets is None else batch.sample_offsets.tolist()
+        hist = plan.history
         # a draft window's position j samples as output position output_pos + j (fnllm.spec)
         reqs = [
             SampleRequest(plan.sampling[i], plan.num_samples[i], plan.sample_index[i], plan.output_pos[i] + j,
-                          plan.request_ids[i] if plan.request_ids else "")
+                          plan.request_ids[i] if plan.request_ids else "", hist[i] if hist else ())
             for i, j in zip(rows, offsets)
         ]
         with torch.inference_mode():
             if plan.guided_outputs and rows:  # the grammar's token bitmask, before any sampling
                 self._guided_rows().apply(plan, rows, logits)
-            got, lps = sample(logits, reqs, self.seed) if rows else ((), None)
+            got, lps = sample(logits, reqs, self.seed, self._counts) if rows else ((), None)
+        self._counts.end_step()
         sampled = [()] * len(plan)
         for i, s in zip(rows, got):
             sampled[i] = sampled[i] + s
@@ -243,4 +261,4 @@ class ModelExecutor:
             for i, lp in zip(rows, lps):
                 logprobs[i] = logprobs[i] + lp
             logprobs = tuple(logprobs)
-        return StepOutput(sampled=tuple(sampled), logprobs=logprobs)
+        return StepOutput(sampled=tuple(sampled), logprobs=logprobs, prompt_logprobs=prompt_lps)

@@ -1,5 +1,7 @@
 """Token sampling from a step's logits: greedy, temperature, top-k, top-p,
-min-p, and logprobs (log-softmax of the raw logits, vLLM's default).
+min-p, and logprobs (log-softmax of the raw logits, vLLM's default). Logits
+processing (allowed ids, bad words, logit bias, penalties:
+:mod:`fnllm.device.penalties`) comes first, from plan data only.
 
 Determinism: sample ``j`` of a row draws one uniform number ``u`` from a
 BLAKE2b hash of ``(seed, sample_index + j, output_pos)`` (unseeded rows:
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fnllm.device.penalties import apply_processing
 from fnllm.state import SamplingParams, TokenLogprobs
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
@@ -31,6 +34,7 @@ class SampleRequest:
     sample_index: int
     output_pos: int
     request_id: str = ""
+    history: tuple = ()  # (prompt ids, output ids) for penalties and bad words (the plan's ``history`` row)
 
 
 def stream_uniform(seed: int | None, base_seed: int, request_id: str, index: int, output_pos: int) -> float:
@@ -97,13 +101,15 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits.index_select(0, torch.tensor(rows, device=logits.device))
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0):
+def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0, memo=None):
     """Draw tokens for every row of ``logits`` (row ``i`` <-> ``reqs[i]``).
 
     Returns ``(sampled, logprobs)``: per row a tuple of ``num_samples`` ids,
     and per row a tuple of :data:`TokenLogprobs` per sample, or ``None`` when
     no row asked for logprobs.
     """
+    raw = logits  # logprobs are of the raw logits (vLLM's default)
+    logits = apply_processing(logits, [r.params for r in reqs], [r.history for r in reqs], memo)
     tokens: list[list[int]] = [[0] * r.num_samples for r in reqs]
     greedy = [i for i, r in enumerate(reqs) if r.params.temperature < SAMPLING_EPS]
     if greedy:
@@ -124,7 +130,7 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest], base_seed: int = 0):
     sampled = tuple(tuple(t) for t in tokens)
     if all(r.params.logprobs is None for r in reqs):
         return sampled, None
-    return sampled, _collect_logprobs(logits, reqs, sampled)
+    return sampled, _collect_logprobs(raw, reqs, sampled)
 
 
 def _collect_logprobs(logits, reqs: list[SampleRequest], sampled):
@@ -135,3 +141,28 @@ def _collect_logprobs(logits, reqs: list[SampleRequest], sampled):
         tuple(next(got) for _ in sampled[i]) if r.params.logprobs is not None else ()
         for i, r in enumerate(reqs)
     )
+
+
+def prompt_logprobs(logits: torch.Tensor, plan) -> tuple:
+    """Per plan row, a :data:`~fnllm.state.PromptLogprob` for each of its
+    ``plan.prompt_targets``: ``logits`` holds their positions' logits, row by
+    row. Log-softmax of the raw logits; rank 1 is the most likely token."""
+    out, at = [], 0
+    for r, targets in enumerate(plan.prompt_targets):
+        if not targets:
+            out.append(())
+            continue
+        k = plan.sampling[r].prompt_logprobs or 0
+        entries = []
+        for lo in range(0, len(targets), 256):  # bounded float32 copies of [chunk, vocab]
+            tgt = targets[lo : lo + 256]
+            lp = torch.log_softmax(logits[at + lo : at + lo + len(tgt)].float(), -1)
+            ids = torch.tensor(tgt, dtype=torch.int64, device=lp.device)[:, None]
+            chosen = lp.gather(1, ids)
+            ranks = ((lp > chosen).sum(-1) + 1).tolist()
+            top_v, top_i = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for t, c, rk, ti, tv in zip(tgt, chosen[:, 0].tolist(), ranks, top_i.tolist(), top_v.tolist()):
+                entries.append((rk, ((t, c),) + tuple(zip(ti, tv))))
+        out.append(tuple(entries))
+        at += len(targets)
+    return tuple(out)

@@ -20,7 +20,7 @@ from fnllm.errors import EngineDeadError
 from fnllm.server.protocol import ChatCompletionRequest, CompletionRequest
 from fnllm.server.serving import (
     APIError, ChoiceState, Context, chat_inputs, chat_logprobs, check_error, completion_inputs, completion_logprobs,
-    engine_error, merged, now_s, sse, start, usage,
+    engine_error, merged, now_s, prompt_logprobs_json, sse, start, usage,
 )
 from fnllm.tokenizer import stream_safe_len
 
@@ -98,6 +98,8 @@ async def create_completion(ctx: Context, req: CompletionRequest, request: Reque
                 "index": k * params.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason, "logprobs": completion_logprobs(ctx, c, 0, req.logprobs or 0, 0),
             })
+            if req.prompt_logprobs is not None:  # vLLM's extra, per choice
+                choices[-1]["prompt_logprobs"] = prompt_logprobs_json(ctx, finals[k])
     return JSONResponse({**head, "choices": choices, "usage": usage(list(finals.values()))})
 
 
@@ -148,7 +150,10 @@ async def create_chat_completion(ctx: Context, req: ChatCompletionRequest, reque
             "logprobs": chat_logprobs(ctx, c, 0, req.top_logprobs or 0),
             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
         })
-    return JSONResponse({**head, "choices": choices, "usage": usage([out])})
+    body = {**head, "choices": choices, "usage": usage([out])}
+    if req.prompt_logprobs is not None:  # vLLM's extra, for the whole response
+        body["prompt_logprobs"] = prompt_logprobs_json(ctx, out)
+    return JSONResponse(body)
 
 
 async def _chat_events(ctx: Context, req: ChatCompletionRequest, params, streams, head) -> AsyncIterator[str]:

@@ -3,8 +3,7 @@
 Ranges that the engine checks are stated here too, so a bad value is a 400
 naming the field before anything reaches the engine. Fields that OpenAI
 defines and fnllm does not implement are accepted only at their neutral
-value (e.g. ``echo: false``, ``presence_penalty: 0``); anything else is a
-400 saying so. Unknown fields are ignored, as vLLM does.
+value (e.g. ``echo: false``); anything else is a 400 saying so. Unknown fields are ignored, as vLLM does.
 """
 
 from __future__ import annotations
@@ -59,9 +58,17 @@ class _Sampling(_Body):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, description="Only 0 is supported.")
-    frequency_penalty: float = Field(default=0.0, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported (only empty or null).")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias, clamped to [-100, 100].")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, description="vLLM's extra: > 1 discourages repeats.")
+    allowed_token_ids: list[TokenId] | None = Field(default=None, description="vLLM's extra: sample only these.")
+    bad_words: list[str] | None = Field(default=None, description="vLLM's extra: words never generated.")
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                        description="vLLM's extra: logprobs of the prompt tokens (not with stream).")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1,
+                                               description="vLLM's extra: keep the prompt's last k tokens.")
     priority: int = Field(default=0, description="Lower runs first under the priority policy (vLLM's extra).")
     user: str | None = None
     # structured outputs (vLLM's names; at most one of them, see fnllm.server.guided)

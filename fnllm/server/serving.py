@@ -48,8 +48,15 @@ def engine_error(e: BaseException) -> APIError:
     return APIError(500, "internal server error", type="internal_error")
 
 
+PROCESSING_FIELDS = ("logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs", "truncate_prompt_tokens",
+                     "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
 def _param_of(message: str, prompt_field: str) -> str | None:
     """The request field an engine ``ValueError`` message is about."""
+    named = next((f for f in PROCESSING_FIELDS if message.startswith(f)), None)
+    if named is not None:
+        return named
     if "max_tokens" in message:
         return "max_tokens"
     if "prompt" in message or "vocabulary" in message:
@@ -108,11 +115,21 @@ def _content_text(content) -> str:
 
 
 def _unsupported(req) -> None:
-    if req.presence_penalty or req.frequency_penalty:
-        field = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-        raise APIError(400, f"{field} is not supported (only 0)", param=field)
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs are not available when stream=true", param="prompt_logprobs")
+
+
+def _processing(req) -> dict:
+    """The penalty and logits-processing arguments (OpenAI's logit_bias clamped to [-100, 100], as vLLM does)."""
+    bias = None
     if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        bias = {k: min(100.0, max(-100.0, v)) for k, v in req.logit_bias.items()}
+    return dict(
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logit_bias=bias, allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words or (), prompt_logprobs=req.prompt_logprobs,
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
+    )
 
 
 def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_field: str) -> SamplingParams:
@@ -122,6 +139,7 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, prompt_field: st
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop or (), stop_token_ids=req.stop_token_ids or (),
             include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos, logprobs=logprobs,
             guided_decoding=guided_params(req),
+            **_processing(req),
         )
     except ValueError as e:
         raise APIError(400, str(e), param=_param_of(str(e), prompt_field)) from None
@@ -292,6 +310,25 @@ def chat_logprobs(ctx: Context, c, start: int, k: int) -> dict | None:
             ],
         })
     return {"content": content}
+
+
+def prompt_logprobs_json(ctx: Context, out) -> list | None:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or
+    ``{token_id: {logprob, rank, decoded_token}}`` for it and the top ones."""
+    if out.prompt_logprobs is None:
+        return None
+    result = []
+    for pos, (entry, rank) in enumerate(zip(out.prompt_logprobs, out.prompt_logprob_ranks)):
+        if entry is None:
+            result.append(None)
+            continue
+        tid = out.prompt_token_ids[pos]
+        ranked = {t: k + 1 for k, (t, _) in enumerate(_top(entry, len(entry)))}  # the top ones: 1..k
+        result.append({
+            str(t): {"logprob": _lp(v), "rank": rank if t == tid else ranked[t], "decoded_token": ctx.token_text(t)}
+            for t, v in entry.items()
+        })
+    return result
 
 
 def sse(obj: dict | str) -> str:

@@ -24,18 +24,33 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     assert "prompt" in capsys.readouterr().err
 
 
+def test_penalty_flags_become_sampling_params():
+    from fnllm.cli import _sampling, build_parser
+
+    args = build_parser().parse_args(["generate", "x", "--repetition-penalty", "1.3", "--frequency-penalty", "0.5",
+                                      "--presence-penalty", "-0.5", "--logit-bias", '{"7": 2}', "--bad-word", "a",
+                                      "--bad-word", "b c"])
+    sp = _sampling(args)
+    assert (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.3, 0.5, -0.5)
+    assert dict(sp.logit_bias) == {7: 2.0} and sp.bad_words == ("a", "b c")
+    assert _sampling(args, {"prompt_logprobs": 2, "allowed_token_ids": [1, 2]}).prompt_logprobs == 2
+
+
 def test_prompts_file_output_record_and_replay(capsys, tmp_path, smollm2_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
-        json.dumps("The capital of Italy is") + "\n"
+        json.dumps({"prompt": "The capital of Italy is", "prompt_logprobs": 1, "logit_bias": {"5": -1.5}}) + "\n"
         + json.dumps({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6}) + "\n"
     )
     out, trace = tmp_path / "o.jsonl", tmp_path / "t.jsonl"
     rc = main(["generate", "--prompts-file", str(prompts), "--output", str(out), "--max-tokens", "8",
-               "--record", str(trace), "--model", str(smollm2_path)])
+               "--record", str(trace), "--model", str(smollm2_path), "--repetition-penalty", "1.2",
+               "--frequency-penalty", "0.5", "--presence-penalty", "0.1", "--bad-word", "Rome"])
     assert rc == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2 and len(rows[1]["outputs"][0]["token_ids"]) <= 6 and rows[0]["outputs"][0]["text"]
+    assert "Rome" not in rows[0]["outputs"][0]["text"] and "prompt_logprobs" not in rows[1]
+    assert rows[0]["prompt_logprobs"][0] is None and all(rows[0]["prompt_logprobs"][1:])
     capsys.readouterr()
     assert main(["replay", str(trace)]) == 0
     assert "reproduced" in capsys.readouterr().out

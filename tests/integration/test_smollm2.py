@@ -86,3 +86,30 @@ def test_greedy_matches_transformers(executor, reference, prompts):
             ref = reference.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                      eos_token_id=None, pad_token_id=0)
         assert ref[0, len(p):].tolist() == g
+
+
+def test_prompt_logprobs_match_transformers_full_forward(executor, reference, prompts):
+    """Chunked prefill (chunks of 16) with prompt_logprobs equals one full forward's log-softmax."""
+    from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from fnllm.engine import LLMEngine
+    from fnllm.state import SamplingParams
+
+    cfg = EngineConfig(
+        model=ModelConfig(vocab_size=executor.vocab_size, eos_token_ids=executor.eos_token_ids),
+        cache=CacheConfig(block_size=16, num_blocks=64),
+        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=256),
+    )
+    eng = LLMEngine(cfg, executor)
+    prompt = prompts[1]
+    eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2))
+    out = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out = o
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), -1)
+    got = torch.tensor([out.prompt_logprobs[i][prompt[i]] for i in range(1, len(prompt))])
+    want = ref[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert out.prompt_logprobs[0] is None and torch.allclose(got, want, atol=2e-3)
+    tops = [max(e, key=e.get) for e in out.prompt_logprobs[1:]]
+    assert tops == ref[:-1].argmax(-1).tolist()

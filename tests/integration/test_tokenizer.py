@@ -275,3 +275,12 @@ def test_missing_tokenizer(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="tokenizer.json") as info:
             load_tokenizer(str(path))
         assert str(path) in str(info.value)
+
+
+def test_bad_words_token_ids_with_and_without_space(smol: Tokenizer) -> None:
+    from fnllm.tokenizer import bad_words_token_ids
+
+    got = bad_words_token_ids(smol, ["Paris", "  Paris"])
+    bare = tuple(smol.encode("Paris", add_special_tokens=False))
+    spaced = tuple(smol.encode(" Paris", add_special_tokens=False))
+    assert bare != spaced and got == (bare, spaced)  # leading spaces stripped first, no duplicates

@@ -116,3 +116,48 @@ def test_models_and_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="demo", prompt=[1, 2, 10**9], max_tokens=2)
     assert "vocabulary" in e.value.body["message"]
+
+
+def test_penalties_and_vllm_extras_match_offline(client, offline):
+    tok = offline.get_tokenizer()
+    the = tok.encode(" the", add_special_tokens=False)[0]
+    sp = SamplingParams(temperature=0.0, max_tokens=16, frequency_penalty=1.0, presence_penalty=0.5,
+                        repetition_penalty=1.3, logit_bias={the: -100.0}, bad_words=["Paris"], prompt_logprobs=1,
+                        truncate_prompt_tokens=4)
+    want = offline.generate(PROMPTS[0], sp, use_tqdm=False)[0]
+    res = client.completions.create(
+        model="demo", prompt=PROMPTS[0], max_tokens=16, temperature=0, frequency_penalty=1.0, presence_penalty=0.5,
+        logit_bias={str(the): -300},  # clamped to -100, as OpenAI and vLLM do
+        extra_body={"repetition_penalty": 1.3, "bad_words": ["Paris"], "prompt_logprobs": 1,
+                    "truncate_prompt_tokens": 4})
+    choice = res.choices[0]
+    assert choice.text == want.outputs[0].text and "Paris" not in choice.text
+    assert res.usage.prompt_tokens == 4 == len(want.prompt_token_ids)
+    plp = choice.model_extra["prompt_logprobs"]
+    assert len(plp) == 4 and plp[0] is None
+    for pos, entry in enumerate(plp[1:], 1):
+        tid = want.prompt_token_ids[pos]
+        got = entry[str(tid)]
+        assert got["logprob"] == pytest.approx(want.prompt_logprobs[pos][tid], abs=1e-4)
+        assert got["rank"] == want.prompt_logprob_ranks[pos] and got["decoded_token"] == tok.decode([tid])
+        assert any(e["rank"] == 1 for e in entry.values())
+    chat = client.chat.completions.create(model="demo", messages=QUESTION, max_tokens=12, temperature=0,
+                                          extra_body={"bad_words": ["Paris"], "prompt_logprobs": 0})
+    assert "Paris" not in chat.choices[0].message.content
+    plp = chat.model_extra["prompt_logprobs"]
+    assert len(plp) == chat.usage.prompt_tokens and plp[0] is None and all(len(e) == 1 for e in plp[1:])
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(logit_bias={"999999": 1}), "logit_bias"),
+    (dict(logit_bias={"a": 1}), "logit_bias"),
+    (dict(presence_penalty=3), "presence_penalty"),
+    (dict(extra_body={"allowed_token_ids": [5, 10**6]}), "allowed_token_ids"),
+    (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+    (dict(extra_body={"prompt_logprobs": 1}, stream=True), "prompt_logprobs"),
+    (dict(extra_body={"truncate_prompt_tokens": 10**4}), "truncate_prompt_tokens"),
+])
+def test_penalty_errors_are_400_naming_the_field(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="demo", prompt="x", max_tokens=2, **kwargs)
+    assert e.value.status_code == 400 and param in (e.value.body["param"] or e.value.body["message"])
