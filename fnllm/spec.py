@@ -41,7 +41,7 @@ from fnllm.state import BatchPlan, SamplingParams, cons_tuple
 # before each position (output counts, grammar state): rows using them are
 # not speculated (the plan carries that state per row, not per position).
 _NEUTRAL = (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
-_UNSET = ("guided_decoding", "bad_words")  # grammar state; multi-token bans depend on the tokens before
+_UNSET = ("guided_decoding", "bad_words", "bad_words_token_ids")  # grammar state; multi-token bans depend on the tokens before
 
 
 def can_speculate(sp: SamplingParams) -> bool:
