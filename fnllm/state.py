@@ -550,40 +550,6 @@ class EngineState:
 # -- plan and device output --------------------------------------------------------------
 
 
-class OutputTokens:
-    """A sequence's output tokens as a plan row carries them to the device
-    (rows with guided decoding only): the shared cons cell, O(1) to attach.
-    Equality and pickling go through the flat tuple, so deep cons lists never
-    recurse and a plan sent to another process carries plain data."""
-
-    __slots__ = ("cell", "n")
-
-    def __init__(self, cell: Cons, n: int) -> None:
-        self.cell, self.n = cell, n
-
-    @classmethod
-    def of(cls, tokens) -> "OutputTokens":
-        tokens = tuple(tokens)
-        return cls(cons_push_all(None, tokens), len(tokens))
-
-    def tokens(self) -> tuple[int, ...]:
-        return cons_tuple(self.cell, self.n)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, OutputTokens):
-            return NotImplemented
-        return self.n == other.n and (self.cell is other.cell or self.tokens() == other.tokens())
-
-    def __hash__(self) -> int:
-        return hash((self.n, self.cell[0] if self.cell is not None else None))
-
-    def __repr__(self) -> str:
-        return f"OutputTokens({list(self.tokens())!r})"
-
-    def __reduce__(self):
-        return (OutputTokens.of, (self.tokens(),))
-
-
 _GUIDED = operator.attrgetter("guided_decoding")
 
 
@@ -593,7 +559,7 @@ def guided_outputs(sampling, outputs, num_output) -> tuple:
     if not any(map(_GUIDED, sampling)):  # attrgetter: a C-level scan
         return ()
     return tuple(
-        OutputTokens(o, k) if sp.guided_decoding is not None else None
+        OutputIds(o, k) if sp.guided_decoding is not None else None
         for sp, o, k in zip(sampling, outputs, num_output)
     )
 
@@ -651,7 +617,7 @@ class BatchPlan:
     # per row, the output so far of a row with guided decoding (None for the
     # others); () when no row is guided. The device rebuilds its grammar
     # state from it, so preemption, forks and replay stay exact.
-    guided_outputs: tuple[OutputTokens | None, ...] = ()
+    guided_outputs: tuple[OutputIds | None, ...] = ()
     history: tuple[tuple, ...] = ()
     prompt_targets: tuple[tuple[int, ...], ...] = ()
 

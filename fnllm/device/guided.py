@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fnllm.state import BatchPlan, OutputTokens
+from fnllm.state import BatchPlan, OutputIds
 
 MAX_IDLE_STEPS = 64  # a matcher unused this many steps is dropped (rebuilt if its sequence returns)
 
@@ -81,7 +81,7 @@ class GuidedRows:
             self._bitmask = self.xgr.allocate_token_bitmask(max(n, 8), self.compiler.vocab_size)
         return self._bitmask
 
-    def _sync(self, seq_id: int, params, out: OutputTokens) -> _Entry:
+    def _sync(self, seq_id: int, params, out: OutputIds) -> _Entry:
         """The sequence's matcher, having accepted exactly ``out``'s tokens."""
         entry = self._entries.get(seq_id)
         if entry is not None and (entry.params is params or entry.params == params) and entry.n <= out.n:

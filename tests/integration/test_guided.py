@@ -155,7 +155,7 @@ def test_device_matchers_follow_the_plan(llm):
 
     from fnllm.device.guided import GuidedRows
     from fnllm.guided import grammar_compiler
-    from fnllm.state import BatchPlan, OutputTokens
+    from fnllm.state import BatchPlan, OutputIds
 
     tok = llm.get_tokenizer()
     width = llm.llm_engine.config.model.vocab_size + 64  # logits wider than the tokenizer: padding ids
@@ -167,7 +167,7 @@ def test_device_matchers_follow_the_plan(llm):
     def mask(seq_id: int, ids) -> torch.Tensor:
         logits = torch.zeros(2, width)
         plan = BatchPlan(step=0, seq_ids=(99, seq_id), sampling=(SamplingParams(), sp),
-                         guided_outputs=(None, OutputTokens.of(ids)))
+                         guided_outputs=(None, OutputIds.of(ids)))
         rows.apply(plan, [0, 1], logits)
         assert torch.equal(logits[0], torch.zeros(width))  # the unguided row is untouched
         return torch.isfinite(logits[1])
