@@ -48,6 +48,7 @@ class GuidedRows:
         self.stop_ids = torch.tensor(compiler.stop_token_ids, dtype=torch.long)
         self._entries: dict[int, _Entry] = {}
         self._bitmask = None
+        self._batch = None  # xgrammar's BatchGrammarMatcher, made on first use
         self._step = 0
 
     def apply(self, plan: BatchPlan, rows: list[int], logits: torch.Tensor) -> None:
@@ -66,8 +67,13 @@ class GuidedRows:
                 targets.append((k, entry))
         if targets:  # bitmask row k belongs to logits row k
             bitmask = self._mask_buffer(logits.shape[0])
-            for k, entry in targets:
-                entry.matcher.fill_next_token_bitmask(bitmask, k)
+            if len(targets) == 1:
+                targets[0][1].matcher.fill_next_token_bitmask(bitmask, targets[0][0])
+            else:  # xgrammar fills the rows' masks on several threads
+                if self._batch is None:
+                    self._batch = self.xgr.BatchGrammarMatcher()
+                self._batch.batch_fill_next_token_bitmask([e.matcher for _, e in targets], bitmask,
+                                                          indices=[k for k, _ in targets])
             self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1],
                                                  indices=[k for k, _ in targets])
         for k in terminated if len(self.stop_ids) else ():  # the grammar is complete: only a stop token may follow
