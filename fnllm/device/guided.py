@@ -23,6 +23,25 @@ from fnllm.state import BatchPlan, OutputIds
 MAX_IDLE_STEPS = 64  # a matcher unused this many steps is dropped (rebuilt if its sequence returns)
 
 
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [byte value, bit] -> allowed
+_ADDENDS: dict = {}
+
+
+def apply_bitmask_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """``logits[r]`` of each of ``rows`` gets -inf where bit ``t`` of ``bitmask[r]``
+    (xgrammar's int32 layout: token ``t`` is bit ``t % 32`` of word ``t // 32``)
+    is 0, in place. Each mask byte indexes a table of 8 addends (0 or -inf),
+    so the work is a few vectorised passes (xgrammar's CPU kernel tests the
+    bits one by one); the result is bit-identical to its."""
+    table = _ADDENDS.get(logits.dtype)
+    if table is None:
+        table = _ADDENDS[logits.dtype] = torch.zeros(256, 8, dtype=logits.dtype).masked_fill_(~_BYTE_BITS, float("-inf"))
+    idx = torch.tensor(rows, dtype=torch.long)
+    data = bitmask.index_select(0, idx).contiguous().view(torch.uint8).to(torch.long).view(-1)  # little-endian bytes
+    addend = table.index_select(0, data).view(len(rows), -1)[:, : logits.shape[-1]]
+    logits.index_add_(0, idx, addend)
+
+
 class _Entry:
     __slots__ = ("params", "matcher", "cell", "n", "last_step")
 
@@ -74,8 +93,12 @@ class GuidedRows:
                     self._batch = self.xgr.BatchGrammarMatcher()
                 self._batch.batch_fill_next_token_bitmask([e.matcher for _, e in targets], bitmask,
                                                           indices=[k for k, _ in targets])
-            self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1],
-                                                 indices=[k for k, _ in targets])
+            rows_k = [k for k, _ in targets]
+            if logits.device.type == "cpu":
+                apply_bitmask_cpu(logits, bitmask, rows_k)
+            else:
+                self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1],
+                                                     indices=rows_k)
         for k in terminated if len(self.stop_ids) else ():  # the grammar is complete: only a stop token may follow
             keep = logits[k, self.stop_ids].clone()
             logits[k].fill_(float("-inf"))
