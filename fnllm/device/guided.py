@@ -16,6 +16,8 @@ optimisation: entries of sequences absent from recent plans are dropped.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from fnllm.state import BatchPlan, OutputIds
@@ -94,7 +96,7 @@ class GuidedRows:
                 self._batch.batch_fill_next_token_bitmask([e.matcher for _, e in targets], bitmask,
                                                           indices=[k for k, _ in targets])
             rows_k = [k for k, _ in targets]
-            if logits.device.type == "cpu":
+            if logits.device.type == "cpu" and sys.byteorder == "little":  # the table reads the words' bytes
                 apply_bitmask_cpu(logits, bitmask, rows_k)
             else:
                 self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1],
