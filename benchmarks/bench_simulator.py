@@ -84,7 +84,7 @@ def run_real(engine_cls, config, executor, work, clock) -> tuple[dict, list]:
     vocab, avoid = config.model.vocab_size, frozenset(config.model.eos_token_ids)
     ids = [list(prompt_ids(it, k, vocab, avoid)) for k, it in enumerate(work)]
     arrival, first, finish, out_len = {}, {}, {}, {}
-    preempt, peak, k, n = 0, 0, 0, len(work)
+    peak, k, n = 0, 0, len(work)
     steps = []  # (plan, measured seconds) of every step that ran rows
     t0 = clock()
     while k < n or engine.has_unfinished_requests():
@@ -96,7 +96,6 @@ def run_real(engine_cls, config, executor, work, clock) -> tuple[dict, list]:
         if not engine.has_unfinished_requests():
             clock.sleep(work[k].arrival - (clock() - t0))
             continue
-        before = engine.state.running.seq_ids
         ts = clock()
         outs = engine.step()
         t = clock() - t0
@@ -109,11 +108,9 @@ def run_real(engine_cls, config, executor, work, clock) -> tuple[dict, list]:
             if o.finished:
                 finish[o.request_id] = t
                 out_len[o.request_id] = sum(len(c.token_ids) for c in o.outputs)
-        st = engine.state
-        dropped = set(before).difference(st.running.seq_ids)
-        preempt += sum(1 for s in st.waiting if s.seq_id in dropped)
-        peak = max(peak, config.cache.num_blocks - st.pool.num_free)
-    m = metrics(arrival, first, finish, out_len, preemptions=preempt, peak_kv_usage=peak / config.cache.num_blocks)
+        peak = max(peak, config.cache.num_blocks - engine.state.pool.num_free)
+    m = metrics(arrival, first, finish, out_len, preemptions=engine.state.num_preemptions,
+                peak_kv_usage=peak / config.cache.num_blocks)
     return m, steps
 
 

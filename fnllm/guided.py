@@ -53,13 +53,9 @@ def tokenizer_info(tokenizer, vocab_size: int):
     xgr = import_xgrammar()
     backend = tokenizer._backend
     stops = list(tokenizer.eos_token_ids)
-    hf = getattr(backend, "tok", None)
-    if hf is not None:
-        if type(hf).__module__.startswith("tokenizers"):  # the tokenizers-only backend: xgrammar wants transformers'
-            from transformers import PreTrainedTokenizerFast
-
-            hf = PreTrainedTokenizerFast(tokenizer_object=hf)
-        return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stops)
+    as_transformers = getattr(backend, "transformers_tokenizer", None)
+    if as_transformers is not None:
+        return xgr.TokenizerInfo.from_huggingface(as_transformers(), vocab_size=vocab_size, stop_token_ids=stops)
     sp = getattr(backend, "sp", None)
     if sp is None:
         raise ValueError(f"guided decoding does not support the tokenizer {tokenizer!r}")

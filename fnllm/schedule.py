@@ -318,27 +318,29 @@ class _Step:
         reason = ""
         if not plan_rows:
             reason = self.idle_reason or ("no requests" if not self.state.requests else "nothing schedulable")
+        sampling = tuple([c["sampling"][i] for i in order])
+        outputs = [c["outputs"][i] for i in order]
+        num_output = tuple([c["num_output"][i] for i in order])
+        request_ids = tuple([c["request_ids"][i] for i in order])
+        num_samples = tuple([r[2] for r in plan_rows])
         return BatchPlan(
             step=self.state.step,
             seq_ids=tuple([c["seq_ids"][i] for i in order]),
-            request_ids=tuple([c["request_ids"][i] for i in order]),
+            request_ids=request_ids,
             token_ids=tuple([r[0] for r in plan_rows]),
             positions=tuple([r[1] for r in plan_rows]),
             block_tables=tuple([c["tables"][i] for i in order]),
-            num_samples=tuple([r[2] for r in plan_rows]),
+            num_samples=num_samples,
             sample_index=tuple([c["indexes"][i] for i in order]),
-            output_pos=tuple([c["num_output"][i] for i in order]),
-            sampling=tuple([c["sampling"][i] for i in order]),
+            output_pos=num_output,
+            sampling=sampling,
             copies=tuple([cp for r in plan_rows for cp in r[3]]),
             swap_out=tuple(self.edit.swaps_out),
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
             num_draft_tokens=tuple([self.drafts.get(i, 0) for i in order]) if self.drafts else (),
-            guided_outputs=guided_outputs([c["sampling"][i] for i in order], [c["outputs"][i] for i in order],
-                                          [c["num_output"][i] for i in order]),
-            history=_history(self.requests, [c["sampling"][i] for i in order], [r[2] for r in plan_rows],
-                             [c["outputs"][i] for i in order], [c["num_output"][i] for i in order],
-                             [c["request_ids"][i] for i in order]),
+            guided_outputs=guided_outputs(sampling, outputs, num_output),
+            history=_history(self.requests, sampling, num_samples, outputs, num_output, request_ids),
             prompt_targets=self._prompt_targets(order, plan_rows),
         )
 

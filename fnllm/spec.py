@@ -37,18 +37,12 @@ from fnllm.config import SpeculativeConfig
 from fnllm.lifecycle import blocks_for
 from fnllm.state import BatchPlan, SamplingParams, cons_tuple
 
-# SamplingParams fields whose effect on the logits depends on the tokens
-# before each position (output counts, grammar state): rows using them are
-# not speculated (the plan carries that state per row, not per position).
-_NEUTRAL = (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
-_UNSET = ("guided_decoding", "bad_words", "bad_words_token_ids")  # grammar state; multi-token bans depend on the tokens before
-
-
 def can_speculate(sp: SamplingParams) -> bool:
-    """Whether a request's rows may carry drafts."""
-    return all(getattr(sp, name, off) in (off, None) for name, off in _NEUTRAL) and not any(
-        getattr(sp, name, None) for name in _UNSET
-    )
+    """Whether a request's rows may carry drafts: not when its logits depend
+    on the tokens before each position (penalties and bad words: the plan's
+    ``history``; a grammar's state), which the plan carries per row, not per
+    position."""
+    return sp.guided_decoding is None and not sp.bad_words and not sp.needs_history
 
 
 def propose(tokens: Sequence[int], k: int, n_max: int, n_min: int) -> tuple[int, ...]:

@@ -79,6 +79,10 @@ class _HFBackend:
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
+    def transformers_tokenizer(self):
+        """The transformers tokenizer itself (for libraries that want one, e.g. xgrammar)."""
+        return self.tok
+
 
 class _TokenizersBackend:
     """``tokenizer.json`` read by the ``tokenizers`` library alone (no transformers
@@ -110,6 +114,13 @@ class _TokenizersBackend:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def transformers_tokenizer(self):
+        """The same ``tokenizer.json`` as a transformers tokenizer (imports
+        transformers: only for libraries that want one, e.g. xgrammar)."""
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_object=self.tok)
 
 
 def _token_content(value: Any) -> str | None:

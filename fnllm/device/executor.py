@@ -34,7 +34,7 @@ from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
 from fnllm.device.penalties import CountMemo
 from fnllm.device.sampling import SampleRequest, prompt_logprobs, sample
 from fnllm.model.loader import Checkpoint, load_model, open_checkpoint, torch_dtype
-from fnllm.model.model_config import DecoderConfig
+from fnllm.model.model_config import DecoderConfig, ModelFacts
 from fnllm.model.parallel import local_config
 from fnllm.state import BatchPlan, Executor, StepOutput
 
@@ -63,7 +63,7 @@ def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.from_numpy(raw[skip : skip + nbytes]).view(dtype).view(shape)
 
 
-class ModelExecutor:
+class ModelExecutor(ModelFacts):
     """Weights + paged KV cache + sampler for one model.
 
     ``model_path`` is a Hugging Face directory or a ``.gguf`` file. Give
@@ -136,24 +136,6 @@ class ModelExecutor:
         return cls(m.model, dtype=m.dtype, device=m.device, num_blocks=c.num_blocks, block_size=c.block_size,
                    seed=m.seed, attn_backend=attn_backend, num_host_blocks=c.num_host_blocks,
                    batch_invariant=m.batch_invariant)
-
-    # -- what the engine needs to know ------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.config.eos_token_ids
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.config.eos_token_ids[0] if self.config.eos_token_ids else None
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.config.max_position_embeddings
 
     # -- a step --------------------------------------------------------------------
 

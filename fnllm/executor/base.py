@@ -15,6 +15,7 @@ from typing import Any
 
 from fnllm.config import ParallelConfig
 from fnllm.errors import EngineDeadError
+from fnllm.model.model_config import ModelFacts
 from fnllm.state import BatchPlan, StepOutput
 
 DEFAULT_STEP_TIMEOUT_S = float(os.environ.get("FNLLM_WORKER_TIMEOUT", "120"))
@@ -41,7 +42,7 @@ def rank_kv_block_bytes(cfg, parallel: ParallelConfig, block_size: int, element_
     )
 
 
-class DistributedExecutorBase:
+class DistributedExecutorBase(ModelFacts):
     """The driver's side of a worker group (subclasses supply the transport: ``_run``)."""
 
     def __init__(
@@ -87,19 +88,7 @@ class DistributedExecutorBase:
         )
         self.dead: str | None = None
 
-    # -- what the engine needs to know (as ModelExecutor) -----------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.config.eos_token_ids
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.config.max_position_embeddings
+    # -- what the engine needs to know (vocab_size, eos ids, ...: ModelFacts) -----------------
 
     @property
     def output_rank(self) -> int:

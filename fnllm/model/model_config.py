@@ -159,3 +159,27 @@ def decoder_config_from_dict(d: dict[str, Any], source: str) -> DecoderConfig:
         eos_token_ids=_eos(d, source),
         sliding_window=_sliding_window(d, source),
     )
+
+
+class ModelFacts:
+    """What the engine reads of the model through an executor (``self.config``
+    is the checkpoint's :class:`DecoderConfig`): shared by the in-process and
+    the distributed executors."""
+
+    config: DecoderConfig
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.config.eos_token_ids[0] if self.config.eos_token_ids else None
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.config.max_position_embeddings

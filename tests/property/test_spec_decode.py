@@ -182,11 +182,11 @@ def test_replay_is_exact_with_speculation(reqs, config, spec):
 def test_rows_with_per_position_state_are_not_speculated():
     from fnllm.spec import can_speculate
 
-    class Params:  # the fields other features add to SamplingParams, by vLLM's names
-        def __init__(self, **kw):
-            self.__dict__.update(kw)
+    from fnllm.state import GuidedDecodingParams
 
+    Params = SamplingParams
     assert can_speculate(SamplingParams()) and can_speculate(Params(repetition_penalty=1.0, bad_words=[]))
     for kw in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5}, {"frequency_penalty": -0.1},
-               {"guided_decoding": object()}, {"bad_words": ["a b"]}):
+               {"guided_decoding": GuidedDecodingParams(regex="a")}, {"bad_words": ["a b"]},
+               {"bad_words_token_ids": [[3, 4]]}):
         assert not can_speculate(Params(**kw)), kw
