@@ -101,7 +101,8 @@ def read_bandwidth(gib: float = 1.0, passes: int = 5) -> dict:
     """Memory read bandwidth (bytes/s): a reduction over a tensor far larger than the caches."""
     out = {}
     for dtype in (torch.bfloat16, torch.float32):
-        x = torch.ones(int(gib * (1 << 30)) // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        # random values: no page of it can be shared or compressed by the host
+        x = torch.rand(int(gib * (1 << 30)) // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
         times = []
         for _ in range(passes + 1):
             t = time.perf_counter()

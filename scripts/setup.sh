@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+say() { echo "setup: $* ($(date -u +%H:%M:%S))" >&2; }
 stamp=.venv/.fnllm-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing torch and the project's dependencies"
   # torch first, pinned to the CPU build, so nothing pulls a multi-GB CUDA build
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test,ray]" 2> >(grep -v -e WARNING -e BuildBackendWarning >&2 || true)
@@ -22,8 +24,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # build the fused CPU kernels once (cached by torch in ~/.cache/torch_extensions;
-# without a compiler fnllm falls back to plain torch ops and says so)
-.venv/bin/python -m fnllm.device.cpu_kernels
+# without a compiler fnllm falls back to plain torch ops and says so). Each step is
+# bounded: a stuck step fails set-up with its name instead of hanging.
+say "building the fused CPU kernels"
+timeout 1200 .venv/bin/python -m fnllm.device.cpu_kernels
 if [ "${FNLLM_SKIP_MODEL:-0}" != "1" ] && [ -f fnllm/model/fetch.py ]; then
-  .venv/bin/python -m fnllm.model.fetch
+  say "fetching and converting the demo model"
+  timeout 1200 .venv/bin/python -m fnllm.model.fetch
 fi
+say "ready"

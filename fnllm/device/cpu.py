@@ -121,6 +121,10 @@ class TorchBackend:
         """oneDNN's blocked layout for a ``[out, in]`` weight (CPU only)."""
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
 
+    def keeps_row_major(self, linear_bytes: int) -> bool:
+        """Whether packed weights also keep their plain layout (see FusedCpuBackend)."""
+        return False
+
     def linear(self, x, weight, bias=None):
         if self.packs_linears:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -14,6 +14,13 @@ its own position (the KV of the whole row is written before attention). Selected
 for ``torch`` on CPU in float32/bfloat16 when the kernels build;
 ``FNLLM_CPU_KERNELS=0`` keeps the eager backend.
 
+Linears: steps of at most ``SMALL_LINEAR_MAX_ROWS`` tokens (batch-1 decode)
+stream the plain row-major weights through ``small_linear`` at close to memory
+bandwidth (oneDNN's packed GEMV reads them at about half); the plain copies are
+kept beside the packed ones only while they total at most
+``SMALL_LINEAR_MAX_BYTES`` (a tied lm_head reuses the embedding). Larger steps
+use oneDNN's packed GEMM.
+
 ``batch_invariant=True`` (vLLM's ``VLLM_BATCH_INVARIANT`` idea): a token's
 result does not depend on what else is in its step. Norms, rotary and SiLU
 are already per row (each row reduced whole, in one fixed order, by one
@@ -28,6 +35,7 @@ through a GEMV that sums in another order, so a lone row is computed as two.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +53,8 @@ class PagedDecodeMeta:
 
 
 VERIFY_MAX_QUERY = 16  # rows of at most this many new tokens, after a cached context, attend as decode rows
+SMALL_LINEAR_MAX_ROWS = 4  # steps of at most this many tokens stream the plain weights (small_linear)
+SMALL_LINEAR_MAX_BYTES = 2 << 30  # plain copies kept beside oneDNN's packed weights: at most this much
 
 
 class FusedCpuBackend(TorchBackend):
@@ -56,10 +66,23 @@ class FusedCpuBackend(TorchBackend):
         self.batch_invariant = batch_invariant
         self._cos_sin: torch.Tensor | None = None
         self._window = 0  # the current batch's sliding window (0: none)
+        self.small_linear = (not batch_invariant and dtype in (torch.bfloat16, torch.float32)
+                             and hasattr(kernels, "small_linear") and os.environ.get("FNLLM_SMALL_LINEAR", "1") != "0")
+
+    def keeps_row_major(self, linear_bytes: int) -> bool:
+        """Few-row steps (batch-1 decode) read the plain weights with ``small_linear``
+        at close to memory bandwidth, where oneDNN's packed GEMV reads them at about
+        half; the plain copies cost the layers' weight bytes again, so only up to
+        ``SMALL_LINEAR_MAX_BYTES`` (``FNLLM_SMALL_LINEAR=0`` turns it off)."""
+        return self.small_linear and linear_bytes <= SMALL_LINEAR_MAX_BYTES
 
     def linear(self, x, weight, bias=None):
         if self.batch_invariant and x.shape[0] == 1:  # a lone row as two: the GEMM's summation order
             return super().linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
+        if self.small_linear and x.shape[0] <= SMALL_LINEAR_MAX_ROWS:
+            plain = getattr(weight, "row_major", None) if self.packs_linears else weight
+            if plain is not None:
+                return self.k.small_linear(x.contiguous(), plain, bias)
         return super().linear(x, weight, bias)
 
     def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:

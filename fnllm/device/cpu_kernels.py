@@ -1,4 +1,4 @@
-"""Fused CPU kernels (``csrc/cpu_kernels.cpp``), built on first use.
+"""Fused CPU kernels (``csrc/cpu_kernels.cpp``, ``csrc/small_linear.cpp``), built on first use.
 
 torch's C++ extension loader compiles the source once per source version
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``);
@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "small_linear.cpp")]
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _key() -> str:
 
     import torch
 
-    text = "\0".join([_SOURCE.read_text(), " ".join(_CFLAGS), torch.__version__, platform.python_version(),
+    text = "\0".join([*(p.read_text() for p in _SOURCES), " ".join(_CFLAGS), torch.__version__, platform.python_version(),
                       platform.machine()])
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -81,16 +81,37 @@ def _load_stamped():
         return None
 
 
+_STALE_LOCK_S = 600  # a build takes about a minute; a lock this old was left by a killed one
+
+
+def _clear_stale_lock() -> None:
+    """Remove torch's build lock when a killed build left it behind: torch's
+    loader otherwise waits for it forever (every later model load hangs)."""
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory("fnllm_cpu_kernels", False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except Exception:  # no lock (the usual case), or torch moved its private helper
+        return
+    if age > _STALE_LOCK_S:
+        log.warning("fnllm: removing a stale CPU-kernel build lock %s (%.0f s old)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def _build():
     module = _load_stamped()
     if module is not None:
         return module
+    _clear_stale_lock()
     try:
         from torch.utils.cpp_extension import load as load_extension
 
         module = load_extension(
             name="fnllm_cpu_kernels",
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,

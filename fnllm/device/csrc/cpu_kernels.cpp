@@ -316,6 +316,10 @@ std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torc
 
 }  // namespace
 
+// small_linear.cpp
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+bool small_linear_native_bf16();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row; window > 0: its last "
         "`window` keys only)", pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"),
@@ -323,4 +327,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; weight * rms_norm(residual)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("rope", &rope, "neox rotary on the q and k heads of fused qkv");
+  m.def("small_linear", &small_linear, "x w^T (+ bias) for a few rows, w row-major [N, K] read once",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("small_linear_native_bf16", &small_linear_native_bf16, "whether bfloat16 dots use AVX512-BF16");
 }

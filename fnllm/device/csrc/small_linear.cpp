@@ -1,0 +1,143 @@
+// y = x w^T (+ bias) for a few rows of x: the memory-bound linear of a
+// decode step (fnllm/device/cpu_fused.py). Bound into the cpu_kernels module.
+//
+// w is read once, row-major [N, K], in groups of four output columns; each
+// thread streams its own range of w, row after row, and keeps the group's
+// four rows in L1 while every row of x is dotted with them, so the step reads
+// the weights at close to memory bandwidth. Accumulation is float32. With AVX512-BF16 the
+// bfloat16 products are taken straight from x and w (one dpbf16 per 32
+// values); otherwise both are widened to float32 first. A column's result
+// does not depend on M or on the thread count (one fixed summation order).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 4;  // output columns per inner loop
+
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&v)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[m, n0 .. n0 + g) for one group of g <= kGroup columns, portable form.
+template <typename T>
+inline void group_dots(const float* xf, const T* w, float* out, int64_t M, int64_t K, int64_t g) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < g; ++j) {
+      const T* wr = w + j * K;
+      const float* xr = xf + m * K;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t k = 0; k < K; ++k) dot += xr[k] * widen(wr[k]);
+      out[m * kGroup + j] = dot;
+    }
+}
+
+#if defined(__AVX512BF16__)
+// The same with AVX512-BF16 for a full group: 32 products per instruction. Each
+// weight row is streamed whole before the next (interleaving the group's four
+// rows reads at a third of the bandwidth on the machines measured).
+inline void group_dots_bf16(const c10::BFloat16* x, const c10::BFloat16* w, float* out, int64_t M, int64_t K) {
+  const int64_t tail = K % 64, body = K - tail;
+  for (int64_t m = 0; m < M; ++m) {
+    const c10::BFloat16* xr = x + m * K;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      const c10::BFloat16* wr = w + j * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+      for (int64_t k = 0; k < body; k += 64) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xr + k), (__m512bh)_mm512_loadu_si512(wr + k));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(xr + k + 32), (__m512bh)_mm512_loadu_si512(wr + k + 32));
+      }
+      for (int64_t k = body; k < K; k += 32) {  // the tail, 32 values at a time, the last masked
+        const __mmask32 mask = K - k >= 32 ? ~0u : ((1u << (K - k)) - 1u);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(mask, xr + k),
+                              (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + k));
+      }
+      out[m * kGroup + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+  }
+}
+#endif
+
+template <typename T>
+void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
+  std::vector<float> xf;
+  constexpr bool native = [] {
+#if defined(__AVX512BF16__)
+    return std::is_same_v<T, c10::BFloat16>;
+#else
+    return false;
+#endif
+  }();
+  if (!native || N % kGroup) {
+    xf.resize(static_cast<size_t>(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = widen(x[i]);
+  }
+  const int64_t groups = (N + kGroup - 1) / kGroup;
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> out(static_cast<size_t>(M * kGroup));
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t n0 = gi * kGroup, g = std::min(kGroup, N - n0);
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (g == kGroup) group_dots_bf16(x, w + n0 * K, out.data(), M, K);
+        else group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);  // the last, partial group
+      } else {
+        group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);
+      }
+#else
+      group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);
+#endif
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < g; ++j) {
+          const float b = bias ? widen(bias[n0 + j]) : 0.f;
+          y[m * N + n0 + j] = static_cast<T>(out[m * kGroup + j] + b);
+        }
+    }
+  });
+}
+
+}  // namespace
+
+bool small_linear_native_bf16() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.device().is_cpu() && w.device().is_cpu(),
+              "small_linear: x and w must be contiguous CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x [M, K] and w [N, K] needed, got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_linear: x and w dtypes differ");
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == N &&
+                        bias->scalar_type() == x.scalar_type(), "small_linear: bias must be [N] of x's dtype");
+  auto y = torch::empty({M, N}, x.options());
+  if (x.scalar_type() == torch::kFloat32) {
+    small_linear_impl<float>(x.data_ptr<float>(), w.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+                             y.data_ptr<float>(), M, N, K);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    using B = c10::BFloat16;
+    small_linear_impl<B>(x.data_ptr<B>(), w.data_ptr<B>(), bias ? bias->data_ptr<B>() : nullptr, y.data_ptr<B>(), M,
+                         N, K);
+  } else {
+    TORCH_CHECK(false, "small_linear: unsupported dtype ", x.scalar_type());
+  }
+  return y;
+}
