@@ -57,6 +57,29 @@ def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, block)
     torch.testing.assert_close(got.double(), reference_decode(q, kv, tables, lens, scale), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 8), (4, 1)])
+def test_paged_decode_lone_row_split_by_heads(dtype, heads, kv_heads):
+    """Fewer rows than threads: a row's kv-head groups are split over the
+    threads; each head's result is bit-identical to the row's in a batch."""
+    g = torch.Generator().manual_seed(heads)
+    lens = torch.tensor([37, 5, 64, 20], dtype=torch.int32)
+    kv = torch.randn(2, 40, 8, kv_heads, 64, generator=g).to(dtype)
+    tables = torch.randperm(40, generator=g)[:32].view(4, 8).int()
+    q = torch.randn(4, heads, 64, generator=g).to(dtype)
+    batch = K.paged_decode(q, kv, tables, lens, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for i in range(4):
+                alone = K.paged_decode(q[i : i + 1].contiguous(), kv, tables[i : i + 1].contiguous(), lens[i : i + 1], 0.125)
+                assert torch.equal(alone[0], batch[i])
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(batch.double(), reference_decode(q, kv, tables, lens, 0.125), **TOL[dtype])
+
+
 def test_paged_decode_rejects_bad_input():
     kv = torch.zeros(2, 4, 4, 2, 8)
     with pytest.raises(RuntimeError, match="int32"):

@@ -73,11 +73,11 @@ inline float softmax_unnormalized(float* __restrict s, int64_t L) {
 // (q in float32, already scaled) and the block converted to float32.
 template <typename T>
 inline void block_scores(const T* q, const float* qf, const T* kblk, float* rows, float* s, int64_t n, int64_t L,
-                         int64_t t0, int64_t H, int64_t G, int64_t D, int64_t tok, float scale) {
+                         int64_t t0, int64_t h0, int64_t H, int64_t G, int64_t D, int64_t tok, float scale) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (D % 32 == 0) {
-      for (int64_t h = 0; h < H; ++h) {
+      for (int64_t h = h0; h < H; ++h) {
         const T* qh = q + h * D;
         for (int64_t j = 0; j < n; ++j) {
           const T* kr = kblk + j * tok + (h / G) * D;
@@ -92,35 +92,38 @@ inline void block_scores(const T* q, const float* qf, const T* kblk, float* rows
   }
 #endif
   to_float(kblk, rows, n * tok);
-  for (int64_t h = 0; h < H; ++h) dots(qf + h * D, rows + (h / G) * D, s + h * L + t0, n, D, tok);
+  for (int64_t h = h0; h < H; ++h) dots(qf + h * D, rows + (h / G) * D, s + h * L + t0, n, D, tok);
 }
 
-// One row of paged decode attention: its H query heads (G per kv head) attend
+// One row of paged decode attention: its query heads h0 .. H-1 (G per kv head; a task
+// takes whole kv-head groups, and a head's arithmetic does not depend on the split) attend
 // over its cached tokens start .. L-1 (start > 0 under a sliding window: the
 // table's entries before block start / BS are never read, they may be holes),
 // read a block at a time: a block's K (then V) for all kv heads is one
 // contiguous run of BS * KVH * D values.
 // Scratch: qf and acc [H * D], rows [BS * KVH * D], s [H * (L - start)].
 template <typename T, int64_t DC>  // DC: the head size when known at compile time (then loops unroll), else 0
-void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t start, int64_t L, int64_t H, int64_t KVH,
-                int64_t Dr, int64_t NB, int64_t BS, float scale, float* qf, float* acc, float* rows, float* s) {
+void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t start, int64_t L, int64_t h0, int64_t H,
+                int64_t KVH, int64_t G, int64_t Dr, int64_t NB, int64_t BS, float scale, float* qf, float* acc, float* rows,
+                float* s) {
   const int64_t D = DC ? DC : Dr;
-  const int64_t G = H / KVH, tok = KVH * D, blk = BS * KVH * D, v_off = NB * blk, Lw = L - start;
+  const int64_t tok = KVH * D, blk = BS * KVH * D, v_off = NB * blk, Lw = L - start;
   to_float(q, qf, H * D);
-  for (int64_t i = 0; i < H * D; ++i) qf[i] *= scale;
+  for (int64_t i = h0 * D; i < H * D; ++i) qf[i] *= scale;
   for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
     const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
-    block_scores<T>(q, qf, kv + table[t0 / BS] * blk + j0 * tok, rows, s, n, Lw, t0 + j0 - start, H, G, D, tok, scale);
+    block_scores<T>(q, qf, kv + table[t0 / BS] * blk + j0 * tok, rows, s, n, Lw, t0 + j0 - start, h0, H, G, D, tok,
+                    scale);
   }
   float inv[512];
-  for (int64_t h = 0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * Lw, Lw);
+  for (int64_t h = h0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * Lw, Lw);
   std::fill(acc, acc + H * D, 0.f);
   for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
     const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
     to_float(kv + v_off + table[t0 / BS] * blk + j0 * tok, rows, n * tok);
-    for (int64_t h = 0; h < H; ++h) axpys(s + h * Lw + t0 + j0 - start, rows + (h / G) * D, acc + h * D, n, D, tok);
+    for (int64_t h = h0; h < H; ++h) axpys(s + h * Lw + t0 + j0 - start, rows + (h / G) * D, acc + h * D, n, D, tok);
   }
-  for (int64_t h = 0; h < H; ++h)
+  for (int64_t h = h0; h < H; ++h)
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = from_float<T>(acc[h * D + d] * inv[h]);
 }
 
@@ -128,19 +131,23 @@ void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t s
 inline int64_t window_start(int64_t L, int64_t window) { return window > 0 ? std::max<int64_t>(0, L - window) : 0; }
 
 // Paged decode attention: one query token per row, keys/values read in place
-// through the row's block table (no gather), one task per row.
+// through the row's block table (no gather). Tasks are rows, or with fewer rows
+// than threads (batch-1 decode) a row's kv-head groups, split evenly.
 template <typename T>
 void paged_decode_impl(const T* q, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t MAXB,
                        float scale, int64_t window) {
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  const int64_t G = H / KVH, parts = B < at::get_num_threads() ? std::min<int64_t>(KVH, at::get_num_threads()) : 1;
+  at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), rows(BS * KVH * D), s(H * longest);
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / parts, part = task % parts;
+      const int64_t h0 = KVH * part / parts * G, h1 = KVH * (part + 1) / parts * G;
       auto row = D == 64 ? decode_row<T, 64> : D == 128 ? decode_row<T, 128> : decode_row<T, 0>;
-      row(q + b * H * D, kv, tables + b * MAXB, out + b * H * D, window_start(lens[b], window), lens[b], H, KVH, D, NB,
-          BS, scale, qf.data(), acc.data(), rows.data(), s.data());
+      row(q + b * H * D, kv, tables + b * MAXB, out + b * H * D, window_start(lens[b], window), lens[b], h0, h1, KVH, G,
+          D, NB, BS, scale, qf.data(), acc.data(), rows.data(), s.data());
     }
   });
 }
