@@ -5,7 +5,8 @@ its defaults (1 GiB of KV cache, block size 16, budget, max_num_seqs), times
 a grid of hand-built plans through :class:`~fnllm.device.executor.ModelExecutor`
 (decode batches x context lengths, prefill chunks at several offsets,
 mixed batches), takes the median of ``repeats`` timings per shape, and fits
-:mod:`fnllm.sim.cost`'s linear terms by non-negative least squares. The
+:mod:`fnllm.sim.cost`'s linear terms and token curve (the step's time by
+its token count, at the grid's sizes) by non-negative least squares. The
 engine's own per-step work (schedule, commit, output bookkeeping: pure
 Python) is timed separately with the simulator's executor and added to the
 ``step`` and ``sample`` terms, so a simulated step costs what a served one
@@ -23,7 +24,7 @@ import time
 import numpy as np
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from fnllm.sim.cost import FEATURES, LINEAR_TERMS, CostModel, features
+from fnllm.sim.cost import FEATURES, LINEAR_TERMS, CostModel, curve_at, features
 from fnllm.state import BatchPlan, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -77,7 +78,7 @@ def grid(kind: str, capacity: int, max_len: int) -> list[list[tuple[int, int, bo
         prefill = [(n, 0) for n in (16, 64)] + [(32, 32)]
         mixed = [(4, 32, 32)]
     else:
-        decode = [(b, c) for b in (1, 4, 16, 32, 64) for c in (32, 256, 1024)]
+        decode = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (32, 256, 1024)]
         prefill = [(n, 0) for n in (16, 64, 256, 512, 1024)] + [(256, 512), (256, 1536), (512, 1024)]
         mixed = [(16, 256, 128), (32, 256, 256), (48, 512, 512), (8, 1024, 256)]
     shapes = []
@@ -96,16 +97,19 @@ def grid(kind: str, capacity: int, max_len: int) -> list[list[tuple[int, int, bo
 
 
 def time_plans(executor, plans: list[BatchPlan], repeats: int, timer=time.perf_counter) -> list[float]:
-    out = []
+    """Each plan's median time over ``repeats`` rounds. A round times every
+    plan once, in grid order, so a slow drift of the machine's speed (a shared
+    host's memory bandwidth) spreads over all shapes instead of biasing the
+    ones timed while it lasted."""
     for plan in plans:
         executor.execute(plan)  # warm-up
-        ts = []
-        for _ in range(repeats):
+    ts: list[list[float]] = [[] for _ in plans]
+    for _ in range(repeats):
+        for i, plan in enumerate(plans):
             t = timer()
             executor.execute(plan)
-            ts.append(timer() - t)
-        out.append(statistics.median(ts))
-    return out
+            ts[i].append(timer() - t)
+    return [statistics.median(t) for t in ts]
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -132,16 +136,34 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def fit(feats: list[dict], times: list[float]) -> dict:
-    """Linear coefficients (seconds per unit) minimising relative squared error."""
-    cols = ["step"] + list(FEATURES[:4])  # copies/swaps are not timed here
-    a = np.array([[1.0] + [float(f[k]) for k in FEATURES[:4]] for f in feats])
+def curve_knots(tokens: list[int], ratio: float = 1.5) -> list[int]:
+    """The token counts the curve is fitted at: the grid's own sizes, each at
+    least ``ratio`` times the one before (so that every segment has data)."""
+    knots: list[int] = []
+    for t in sorted(set(tokens)):
+        if not knots or t >= ratio * knots[-1]:
+            knots.append(t)
+    return knots
+
+
+def fit(feats: list[dict], times: list[float]) -> tuple[dict, list]:
+    """The linear terms (seconds per unit) and the token curve ``[[tokens,
+    seconds], ...]`` minimising relative squared error. The curve's value at
+    each knot is a non-negative unknown (its basis: each knot's weight in the
+    linear interpolation, :func:`fnllm.sim.cost.curve_at`); it carries the
+    step's fixed cost too (every step has a token), so there is no fitted
+    ``step`` term."""
+    knots = curve_knots([f["tokens"] for f in feats])
+    unit = [[[k, float(i == j)] for i, k in enumerate(knots)] for j in range(len(knots))]
+    terms = list(FEATURES[1:4])  # sampled rows, prefill pairs, decode context (copies/swaps are not timed)
+    a = np.array([[curve_at(u, f["tokens"]) for u in unit] + [float(f[k]) for k in terms] for f in feats])
     y = np.array(times)
     w = 1.0 / y  # relative error: every shape counts, small ones too
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
     x = nnls(a * w[:, None] / scale, y * w) / scale
-    names = dict(zip(cols, LINEAR_TERMS[:5]))
-    return {names[c]: float(v) for c, v in zip(cols, x)}
+    names = dict(zip(FEATURES, LINEAR_TERMS[1:]))
+    coef = {"step": 0.0, "token": 0.0} | {names[k]: float(v) for k, v in zip(terms, x[len(knots):])}
+    return coef, [[k, float(v)] for k, v in zip(knots, x[: len(knots)])]
 
 
 def shell_overhead(config: EngineConfig, timer=time.perf_counter) -> tuple[float, float]:
@@ -189,9 +211,9 @@ def calibrate(model: str | None, *, dtype: str = "float32", device: str = "auto"
     log(f"calibrating {path} ({dtype}, {executor.device}) on {len(plans)} step shapes x {repeats} repeats ...")
     times = time_plans(executor, plans, repeats, timer)
     feats = [features(p) for p in plans]
-    coef = fit(feats, times)
+    coef, curve = fit(feats, times)
     shell_step, shell_row = shell_overhead(config, timer)
-    cost0 = CostModel(coefficients=coef)
+    cost0 = CostModel(coefficients=coef, token_curve=curve)
     errs = []
     log(f"{'rows':>5} {'tokens':>6} {'decode ctx':>10} {'measured ms':>11} {'fitted ms':>9} {'error':>7}")
     for p, f, t in zip(plans, feats, times):
@@ -206,7 +228,7 @@ def calibrate(model: str | None, *, dtype: str = "float32", device: str = "auto"
     mc = executor.config
     n_params = sum(p.numel() for p in executor.model.parameters())
     cost = CostModel(
-        kind="linear", coefficients=coef, config=config_to_json(config),
+        kind="linear", coefficients=coef, token_curve=curve, config=config_to_json(config),
         model={"name": str(path), "num_layers": mc.num_layers, "hidden_size": mc.hidden_size,
                "intermediate_size": mc.intermediate_size, "num_heads": mc.num_heads, "num_kv_heads": mc.num_kv_heads,
                "head_dim": mc.head_dim, "vocab_size": mc.vocab_size, "num_params": int(n_params),

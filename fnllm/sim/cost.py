@@ -8,6 +8,14 @@ Two explainable forms, both over the same plan features (:func:`features`):
                 + prefill_attn * prefill_pairs + decode_attn * decode_context
                 + copy * copied_blocks + swap * swapped_blocks + collectives
 
+  With a ``token_curve`` (``[[tokens, seconds], ...]``, tokens increasing),
+  ``token * tokens`` is replaced by that curve read at the step's tokens:
+  linear between its points, from (0, 0) to the first, and along its last
+  segment beyond the last. A device's linears are not linear in the rows
+  they multiply (a few rows stream the weights, more rows run a GEMM whose
+  speed depends on the row count), and the curve is what ``fnllm calibrate``
+  measured at each size.
+
 - ``roofline`` (from a hardware datasheet and a model shape)::
 
       seconds = step_overhead + max(flops / (peak_flops * flops_eff),
@@ -73,6 +81,28 @@ def features(plan: BatchPlan) -> dict:
             "copied_blocks": len(plan.copies), "swapped_blocks": _swap_count(plan)}
 
 
+def curve_at(curve: list, x: float) -> float:
+    """A piecewise-linear curve ``[[x, y], ...]`` at ``x`` (see the module docstring)."""
+    x0, y0 = 0.0, 0.0
+    for i, (x1, y1) in enumerate(curve):
+        if x <= x1 or i == len(curve) - 1:
+            if i == len(curve) - 1 and i > 0 and x > x1:
+                x0, y0 = curve[i - 1]
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        x0, y0 = x1, y1
+    return 0.0
+
+
+def _check_curve(curve) -> None:
+    ok = isinstance(curve, list) and len(curve) >= 1 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2
+        and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in p)
+        for p in curve)
+    if not ok or any(b[0] <= a[0] for a, b in zip([[0, 0]] + list(curve), curve)):
+        raise ValueError(f"token_curve must be [[tokens, seconds], ...] with tokens > 0 increasing and "
+                         f"seconds >= 0, got {curve!r}")
+
+
 @attrs.frozen(kw_only=True)
 class CostModel:
     kind: str = "linear"
@@ -81,6 +111,7 @@ class CostModel:
     model: dict = attrs.field(factory=dict)  # shape: num_layers, hidden_size, ... (collectives, roofline)
     tp: int = 1
     pp: int = 1
+    token_curve: list | None = None  # linear: [[tokens, seconds], ...] instead of the `token` term
     config: dict | None = None  # EngineConfig in trace form: the engine defaults it predicts
     meta: dict = attrs.field(factory=dict)  # name, source, notes, fit error
 
@@ -97,6 +128,10 @@ class CostModel:
             for k, v in self.coefficients.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ValueError(f"cost coefficient {k!r} must be a finite number >= 0, got {v!r}")
+            if self.token_curve is not None:
+                _check_curve(self.token_curve)
+                if self.coefficients.get("token"):
+                    raise ValueError("a cost model has either a `token` coefficient or a token_curve, not both")
         else:
             need = ("peak_flops", "hbm_bytes_per_s")
             missing = [k for k in need if k not in self.hardware] + [k for k in ("num_params", "num_layers", "hidden_size") if k not in self.model]
@@ -116,6 +151,8 @@ class CostModel:
     def _linear(self, f: dict) -> float:
         c = self.coefficients
         per_token = sum(c.get(_TERM_OF[k], 0.0) * f[k] for k in ("tokens", "sampled_rows", "prefill_pairs", "decode_context"))
+        if self.token_curve is not None:
+            per_token += curve_at(self.token_curve, f["tokens"])
         other = c.get("copy", 0.0) * f["copied_blocks"] + c.get("swap", 0.0) * f["swapped_blocks"]
         return c.get("step", 0.0) + per_token / self.tp + other
 

@@ -23,6 +23,9 @@ def test_calibrate_tiny_model_writes_a_usable_cost_file(tiny_llama, tmp_path, ca
     assert config.cache.block_size == 16 and config.cache.num_blocks == (1 << 30) // (512 * 16)
     assert config.model.vocab_size == 256 and config.model.eos_token_ids == (2,)
     assert config.scheduler.max_num_seqs == 64 and config.scheduler.max_model_len == 512
+    knots = [t for t, _ in cost.token_curve]  # the step's time by tokens, at the grid's sizes
+    assert knots == sorted(knots) and knots[0] == 1 and all(v >= 0 for _, v in cost.token_curve)
+    assert cost.coefficients["token"] == 0
     meta = json.loads(out.read_text())["meta"]
     assert meta["samples"] and meta["fit_mean_abs_rel_error"] >= 0
     w = tmp_path / "w.jsonl"

@@ -57,6 +57,24 @@ def test_cli_hand_computed_times(tmp_path, capsys):
         assert key in m
 
 
+def test_token_curve_hand_computed_times():
+    # the step's time by tokens: 1 s at 1 token, 1.3 s at 4 (linear between, from (0, 0) before the first point,
+    # along the last segment after the last): a's 4-token prefill 1.3 s, its decodes 1 s each (done at 3.3);
+    # b's 2-token prefill 1.1 s at 10
+    cost = CostModel(coefficients={"step": 0.0}, token_curve=[[1, 1.0], [4, 1.3]])
+    res = simulate(WORK, CONFIG, cost)
+    assert res.first_token == pytest.approx({"a": 1.3, "b": 11.1})
+    assert res.finish == pytest.approx({"a": 3.3, "b": 11.1})
+    from fnllm.sim.cost import curve_at
+
+    assert [curve_at([[1, 1.0], [4, 1.3]], x) for x in (0.5, 10)] == pytest.approx([0.5, 1.9])
+    for bad in ([], [[4, 1.0], [2, 2.0]], [[1, -1.0]], [[0, 1.0]], "x"):
+        with pytest.raises(ValueError, match="token_curve must be"):
+            CostModel(token_curve=bad)
+    with pytest.raises(ValueError, match="either a `token` coefficient or a token_curve"):
+        CostModel(coefficients={"token": 1.0}, token_curve=[[1, 1.0]])
+
+
 def test_cost_features_and_terms():
     plan = BatchPlan(step=0, seq_ids=(0, 1), request_ids=("x", "y"), token_ids=((1, 2, 3), (4,)), positions=(2, 9),
                      block_tables=((0, 1), (2, 3, 4)), num_samples=(1, 1), sample_index=(0, 0), output_pos=(0, 3),
