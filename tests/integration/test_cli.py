@@ -107,3 +107,24 @@ def test_guided_flags_record_and_device_replay(capsys, tmp_path, smollm2_path):
     assert "reproduced" in capsys.readouterr().out
     assert main(["generate", "hi", "--guided-regex", date, "--guided-choice", "a", "--model", str(smollm2_path)]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_console_entry_exits_quickly_with_everything_written(tmp_path, smollm2_path):
+    """``python -m fnllm.cli`` ends with os._exit after the atexit hooks: the
+    printed text, the output file and the recorded trace are all complete,
+    and the exit status is main()'s."""
+    import os
+    import subprocess
+    import sys
+
+    out, trace = tmp_path / "out.jsonl", tmp_path / "t.jsonl"
+    cmd = [sys.executable, "-m", "fnllm.cli", "generate", "The capital of France is", "--max-tokens", "3",
+           "--model", str(smollm2_path), "--output", str(out), "--json", "--record", str(trace)]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text().strip()) == printed and len(printed["outputs"][0]["token_ids"]) == 3
+    assert main(["replay", str(trace)]) == 0  # the trace was flushed and closed
+    bad = subprocess.run(cmd[:4] + ["--temperature", "-1"], capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("fnllm: error:")
