@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--cost", default=None, help="use this cost file instead of calibrating")
     ap.add_argument("--save-cost", default=None, help="keep the calibrated cost file here")
     ap.add_argument("--speed-requests", type=int, default=100_000)
+    ap.add_argument("--calibrate-repeats", type=int, default=5, help="timing rounds over the calibration grid")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for calibration and the real runs (1: stable timings on a shared machine)")
@@ -189,7 +190,7 @@ def main() -> None:
     else:
         path = args.save_cost or os.path.join(tempfile.mkdtemp(), "cost.json")
         t = time.perf_counter()
-        cost = calibrate(None, dtype=args.dtype, device="cpu", out=path, grid_kind=args.grid,
+        cost = calibrate(None, dtype=args.dtype, device="cpu", out=path, grid_kind=args.grid, repeats=args.calibrate_repeats,
                          log=lambda *a: print(*a, file=sys.stderr),
                          timer=time.process_time if args.clock == "cpu" else time.perf_counter)
         out["calibrate_s"] = round(time.perf_counter() - t, 1)

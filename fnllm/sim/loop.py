@@ -15,6 +15,7 @@ sequence sent back to the waiting queue, by recompute or swap).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import attrs
@@ -54,10 +55,15 @@ class SimResult:
     add_steps: dict = attrs.field(factory=dict)  # request id -> engine step at which it was added
 
 
+@functools.lru_cache(maxsize=4096)
+def _params_for(output_len: int) -> SamplingParams:
+    """One (frozen, shareable) SamplingParams per output length."""
+    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
+
+
 def _request_params(item: WorkItem) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=item.output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
-    )
+    return _params_for(item.output_len)
 
 
 class _EngineShell:
@@ -70,7 +76,7 @@ class _EngineShell:
     def state(self):
         return self.engine.state
 
-    def add(self, rid: str, ids: list[int], params: SamplingParams) -> str | None:
+    def add(self, rid: str, ids: tuple[int, ...], params: SamplingParams) -> str | None:
         try:
             self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
         except ValueError as e:
@@ -130,7 +136,7 @@ def simulate(
     while k < n or sh.busy():
         while k < n and work[k].arrival <= clock.now:
             item = work[k]
-            why = sh.add(item.request_id, list(prompt_ids(item, k, vocab, avoid)), _request_params(item))
+            why = sh.add(item.request_id, prompt_ids(item, k, vocab, avoid), _request_params(item))
             if why is None:
                 res.arrival[item.request_id] = item.arrival
                 res.add_steps[item.request_id] = sh.state.step
