@@ -8,7 +8,9 @@ served) prints one ``fnllm: error: ...`` line and exits 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from fnllm.errors import EngineDeadError
@@ -252,10 +254,26 @@ def _stream(llm, prompt, sp) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _lazy_packing():
+    """While the LLM is built: a one-shot run packs each weight for oneDNN only
+    when a step first needs it (the same numbers; a run of short steps never
+    pays it). ``FNLLM_PACK_LINEAR`` set by the user wins; the process's
+    environment is restored afterwards."""
+    if "FNLLM_PACK_LINEAR" in os.environ:
+        yield
+        return
+    os.environ["FNLLM_PACK_LINEAR"] = "lazy"
+    try:
+        yield
+    finally:
+        os.environ.pop("FNLLM_PACK_LINEAR", None)
+
+
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give a prompt or --prompts-file (one of the two)")
-    with _make_llm(args) as llm:
+    with _lazy_packing(), _make_llm(args) as llm:
         return _generate(llm, args)
 
 
@@ -306,7 +324,6 @@ def run() -> None:
     if argv[:1] == ["serve"]:  # the server shuts down on its own terms
         sys.exit(rc)
     import atexit
-    import os
 
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -68,6 +68,15 @@ class FusedCpuBackend(TorchBackend):
         self._window = 0  # the current batch's sliding window (0: none)
         self.small_linear = (not batch_invariant and dtype in (torch.bfloat16, torch.float32)
                              and hasattr(kernels, "small_linear") and os.environ.get("FNLLM_SMALL_LINEAR", "1") != "0")
+        self._packed: dict | None = None  # lazily packed weights (pack_lazily): id(plain weight) -> packed
+
+    def pack_lazily(self) -> None:
+        """Keep the plain weights and pack each for oneDNN the first time a
+        step of more than ``SMALL_LINEAR_MAX_ROWS`` tokens needs it (the same
+        packed weight, hence the same numbers, as packing at load): a one-shot
+        run of short steps never pays the packing (``FNLLM_PACK_LINEAR=lazy``;
+        the CLI's ``generate`` sets it)."""
+        self._packed = {}
 
     def keeps_row_major(self, linear_bytes: int) -> bool:
         """Few-row steps (batch-1 decode) read the plain weights with ``small_linear``
@@ -79,10 +88,16 @@ class FusedCpuBackend(TorchBackend):
     def linear(self, x, weight, bias=None):
         if self.batch_invariant and x.shape[0] == 1:  # a lone row as two: the GEMM's summation order
             return super().linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
+        lazy = self._packed is not None
         if self.small_linear and x.shape[0] <= SMALL_LINEAR_MAX_ROWS:
-            plain = getattr(weight, "row_major", None) if self.packs_linears else weight
+            plain = getattr(weight, "row_major", None) if self.packs_linears and not lazy else weight
             if plain is not None:
                 return self.k.small_linear(x.contiguous(), plain, bias)
+        if lazy:
+            packed = self._packed.get(id(weight))  # the model's parameters live as long as the backend
+            if packed is None:
+                packed = self._packed[id(weight)] = self.pack_weight(weight)
+            weight = packed
         return super().linear(x, weight, bias)
 
     def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:

@@ -118,7 +118,10 @@ class ModelExecutor(ModelFacts):
         self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups)
         if self.backend.packs_linears:
             keep = self.backend.keeps_row_major(self.model.linear_bytes())
-            self.model.repack_linears(self.backend.pack_weight, keep_row_major=keep)
+            if keep and os.environ.get("FNLLM_PACK_LINEAR") == "lazy":
+                self.backend.pack_lazily()  # plain weights kept either way; packed on first need
+            else:
+                self.model.repack_linears(self.backend.pack_weight, keep_row_major=keep)
         shape = (2, num_blocks, block_size, local.num_kv_heads, local.head_dim)
         self.kv_caches = [zeros_lazy(shape, self.dtype, self.device) for _ in range(local.num_layers)]
         if num_host_blocks is None:

@@ -72,3 +72,26 @@ def test_backend_uses_it_only_with_plain_weights(monkeypatch):
     assert len(calls) == 1
     be.linear(x, packed)  # more rows than SMALL_LINEAR_MAX_ROWS: the GEMM
     assert len(calls) == 1
+
+
+def test_lazy_packing_same_tokens_and_packs_only_when_needed(monkeypatch, smollm2_path):
+    """FNLLM_PACK_LINEAR=lazy (the CLI's generate): nothing is packed while every
+    step is short; a long prompt packs on its first step; the tokens and
+    logprobs equal those of packing at load."""
+    from fnllm.llm import LLM
+    from fnllm.state import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+    prompts = [{"prompt_token_ids": [1, 9906]}, {"prompt_token_ids": list(range(400, 440))}]
+    with LLM(str(smollm2_path), dtype="bfloat16") as llm:
+        want = [llm.generate([p], params)[0] for p in prompts]
+    monkeypatch.setenv("FNLLM_PACK_LINEAR", "lazy")
+    with LLM(str(smollm2_path), dtype="bfloat16") as llm:
+        backend = llm.llm_engine.executor.backend
+        got = [llm.generate([prompts[0]], params)[0]]
+        assert backend._packed == {}  # a 2-token prompt and its decodes: small steps only
+        got.append(llm.generate([prompts[1]], params)[0])
+        assert backend._packed  # the 40-token prefill packed what it used
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].logprobs == w.outputs[0].logprobs
