@@ -118,6 +118,9 @@ def validate_request(state: EngineState, request: Request, config: EngineConfig)
 
 def _check_processing(sp, config: EngineConfig) -> str | None:
     """The logits-processing parameters against the vocabulary and limits (vLLM's checks)."""
+    if (sp.prompt_logprobs is None and sp.truncate_prompt_tokens is None and not sp.logit_bias
+            and not sp.allowed_token_ids and not sp.bad_words_token_ids):
+        return None  # the usual request: nothing to check
     vocab, top = config.model.vocab_size, config.model.max_logprobs
     if sp.prompt_logprobs is not None and sp.prompt_logprobs > min(top, vocab):
         return f"prompt_logprobs={sp.prompt_logprobs} exceeds max_logprobs={top} (vocabulary size {vocab})"
