@@ -325,18 +325,18 @@ def run() -> None:
         sys.exit(rc)
     import atexit
 
+    _flush()
+    atexit._run_exitfuncs()
+    _flush()
+    os._exit(rc)
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (| head): nothing more to say
             pass
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(rc)
 
 
 if __name__ == "__main__":

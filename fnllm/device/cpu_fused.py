@@ -16,10 +16,10 @@ for ``torch`` on CPU in float32/bfloat16 when the kernels build;
 
 Linears: steps of at most ``SMALL_LINEAR_MAX_ROWS`` tokens (batch-1 decode)
 stream the plain row-major weights through ``small_linear`` at close to memory
-bandwidth (oneDNN's packed GEMV reads them at about half); the plain copies are
-kept beside the packed ones only while they total at most
-``SMALL_LINEAR_MAX_BYTES`` (a tied lm_head reuses the embedding). Larger steps
-use oneDNN's packed GEMM.
+bandwidth (oneDNN's packed GEMV reads them at about half): the model keeps its
+plain weights and the backend their packed copies (``hold_packed``), while the
+plain ones total at most ``SMALL_LINEAR_MAX_BYTES``; above that the model's
+weights are replaced by packed ones. Larger steps use oneDNN's packed GEMM.
 
 ``batch_invariant=True`` (vLLM's ``VLLM_BATCH_INVARIANT`` idea): a token's
 result does not depend on what else is in its step. Norms, rotary and SiLU
@@ -68,15 +68,16 @@ class FusedCpuBackend(TorchBackend):
         self._window = 0  # the current batch's sliding window (0: none)
         self.small_linear = (not batch_invariant and dtype in (torch.bfloat16, torch.float32)
                              and hasattr(kernels, "small_linear") and os.environ.get("FNLLM_SMALL_LINEAR", "1") != "0")
-        self._packed: dict | None = None  # lazily packed weights (pack_lazily): id(plain weight) -> packed
+        self._packed: dict | None = None  # id(plain weight) -> its packed copy, when the model keeps plain weights
 
-    def pack_lazily(self) -> None:
-        """Keep the plain weights and pack each for oneDNN the first time a
-        step of more than ``SMALL_LINEAR_MAX_ROWS`` tokens needs it (the same
-        packed weight, hence the same numbers, as packing at load): a one-shot
-        run of short steps never pays the packing (``FNLLM_PACK_LINEAR=lazy``;
-        the CLI's ``generate`` sets it)."""
-        self._packed = {}
+    def hold_packed(self, weights, lazy: bool = False) -> None:
+        """The model keeps its plain weights (``small_linear`` reads them) and the
+        backend holds their oneDNN-packed copies: packed now, or with ``lazy``
+        each the first time a step of more than ``SMALL_LINEAR_MAX_ROWS`` tokens
+        needs it (the same packed weight, hence the same numbers): a one-shot run
+        of short steps never pays the packing (``FNLLM_PACK_LINEAR=lazy``; the
+        CLI's ``generate`` sets it). The weights live as long as the backend."""
+        self._packed = {} if lazy else {id(w): self.pack_weight(w) for w in weights}
 
     def keeps_row_major(self, linear_bytes: int) -> bool:
         """Few-row steps (batch-1 decode) read the plain weights with ``small_linear``
@@ -88,14 +89,12 @@ class FusedCpuBackend(TorchBackend):
     def linear(self, x, weight, bias=None):
         if self.batch_invariant and x.shape[0] == 1:  # a lone row as two: the GEMM's summation order
             return super().linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
-        lazy = self._packed is not None
-        if self.small_linear and x.shape[0] <= SMALL_LINEAR_MAX_ROWS:
-            plain = getattr(weight, "row_major", None) if self.packs_linears and not lazy else weight
-            if plain is not None:
-                return self.k.small_linear(x.contiguous(), plain, bias)
-        if lazy:
-            packed = self._packed.get(id(weight))  # the model's parameters live as long as the backend
-            if packed is None:
+        held = self._packed is not None
+        if self.small_linear and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and (held or not self.packs_linears):
+            return self.k.small_linear(x.contiguous(), weight, bias)  # `weight` is the plain one
+        if held:
+            packed = self._packed.get(id(weight))
+            if packed is None:  # lazy: first needed now
                 packed = self._packed[id(weight)] = self.pack_weight(weight)
             weight = packed
         return super().linear(x, weight, bias)

@@ -117,11 +117,11 @@ class ModelExecutor(ModelFacts):
                                         batch_invariant=batch_invariant)
         self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups)
         if self.backend.packs_linears:
-            keep = self.backend.keeps_row_major(self.model.linear_bytes())
-            if keep and os.environ.get("FNLLM_PACK_LINEAR") == "lazy":
-                self.backend.pack_lazily()  # plain weights kept either way; packed on first need
+            if self.backend.keeps_row_major(self.model.linear_bytes()):  # the model keeps its plain weights
+                lazy = os.environ.get("FNLLM_PACK_LINEAR") == "lazy"
+                self.backend.hold_packed(self.model.linear_weights(), lazy=lazy)
             else:
-                self.model.repack_linears(self.backend.pack_weight, keep_row_major=keep)
+                self.model.repack_linears(self.backend.pack_weight)
         shape = (2, num_blocks, block_size, local.num_kv_heads, local.head_dim)
         self.kv_caches = [zeros_lazy(shape, self.dtype, self.device) for _ in range(local.num_layers)]
         if num_host_blocks is None:

@@ -203,24 +203,22 @@ class PanguEmbeddedForCausalLM(nn.Module):
         return logits if self.tp is None else gather_vocab_logits(logits, self.shard, self.tp)
 
     @torch.no_grad()
-    def repack_linears(self, pack, keep_row_major: bool = False) -> None:
+    def repack_linears(self, pack) -> None:
         """Replace every projection weight (and the lm_head) by ``pack(weight)``,
         a device-preferred layout only ``ops.linear`` understands. A tied
-        lm_head gets its own packed copy; the embedding stays plain.
-        ``keep_row_major``: each packed parameter also keeps the plain weight
-        as ``.row_major`` (a tied lm_head's is the embedding itself, no copy),
-        for the backend's few-row linear."""
-        def packed(weight):
-            param = nn.Parameter(pack(weight), requires_grad=False)
-            if keep_row_major:
-                param.row_major = weight.detach().contiguous()
-            return param
-
+        lm_head gets its own packed copy; the embedding stays plain."""
         for layer in self.layers:
             for name in DecoderLayer.LINEARS:
-                setattr(layer, name, packed(getattr(layer, name)))
+                setattr(layer, name, nn.Parameter(pack(getattr(layer, name)), requires_grad=False))
         if self.lm_head is not None:
-            self.lm_head = packed(self.lm_head)
+            self.lm_head = nn.Parameter(pack(self.lm_head), requires_grad=False)
+
+    def linear_weights(self):
+        """Every weight ``ops.linear`` multiplies by: the layers' projections and the lm_head."""
+        for layer in self.layers:
+            yield from (getattr(layer, name) for name in DecoderLayer.LINEARS)
+        if self.lm_head is not None:
+            yield self.lm_head
 
     def linear_bytes(self) -> int:
         """Bytes of the decoder layers' projection weights (the lm_head aside)."""

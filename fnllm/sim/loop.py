@@ -15,7 +15,6 @@ sequence sent back to the waiting queue, by recompute or swap).
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import attrs
@@ -55,15 +54,10 @@ class SimResult:
     add_steps: dict = attrs.field(factory=dict)  # request id -> engine step at which it was added
 
 
-@functools.lru_cache(maxsize=4096)
-def _params_for(output_len: int) -> SamplingParams:
-    """One (frozen, shareable) SamplingParams per output length."""
-    return SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0,
-                          output_kind=RequestOutputKind.FINAL_ONLY)
-
-
 def _request_params(item: WorkItem) -> SamplingParams:
-    return _params_for(item.output_len)
+    return SamplingParams(
+        max_tokens=item.output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
+    )
 
 
 class _EngineShell:

@@ -65,12 +65,12 @@ def test_backend_uses_it_only_with_plain_weights(monkeypatch):
     monkeypatch.setattr(be, "k", type("Spy", (), {"small_linear": lambda _, *a: calls.append(a) or K.small_linear(*a)})())
     x = torch.randn(SMALL_LINEAR_MAX_ROWS + 1, 64).bfloat16()
     if be.packs_linears:
-        be.linear(x[:1], packed)  # packed, no plain copy: oneDNN
+        be.linear(x[:1], packed)  # the model's weights replaced by packed ones, no plain copy: oneDNN
         assert calls == []
-        packed.row_major = w
-    torch.testing.assert_close(be.linear(x[:1], packed).float(), (x[:1].float() @ w.float().T), atol=5e-2, rtol=2e-2)
+        be.hold_packed([w])  # the model keeps the plain weight, the backend its packed copy
+    torch.testing.assert_close(be.linear(x[:1], w).float(), (x[:1].float() @ w.float().T), atol=5e-2, rtol=2e-2)
     assert len(calls) == 1
-    be.linear(x, packed)  # more rows than SMALL_LINEAR_MAX_ROWS: the GEMM
+    be.linear(x, w)  # more rows than SMALL_LINEAR_MAX_ROWS: the GEMM
     assert len(calls) == 1
 
 

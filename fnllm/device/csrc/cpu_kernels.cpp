@@ -325,7 +325,6 @@ std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torc
 
 // small_linear.cpp
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-bool small_linear_native_bf16();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row; window > 0: its last "
@@ -336,5 +335,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "neox rotary on the q and k heads of fused qkv");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for a few rows, w row-major [N, K] read once",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
-  m.def("small_linear_native_bf16", &small_linear_native_bf16, "whether bfloat16 dots use AVX512-BF16");
 }

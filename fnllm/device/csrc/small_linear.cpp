@@ -71,17 +71,18 @@ inline void group_dots_bf16(const c10::BFloat16* x, const c10::BFloat16* w, floa
 }
 #endif
 
+#if defined(__AVX512BF16__)
+template <typename T>
+constexpr bool kNative = std::is_same_v<T, c10::BFloat16>;  // dots straight from bfloat16
+#else
+template <typename T>
+constexpr bool kNative = false;
+#endif
+
 template <typename T>
 void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<float> xf;
-  constexpr bool native = [] {
-#if defined(__AVX512BF16__)
-    return std::is_same_v<T, c10::BFloat16>;
-#else
-    return false;
-#endif
-  }();
-  if (!native || N % kGroup) {
+  std::vector<float> xf;  // x in float32, for the portable form
+  if (!kNative<T> || N % kGroup) {
     xf.resize(static_cast<size_t>(M * K));
     for (int64_t i = 0; i < M * K; ++i) xf[i] = widen(x[i]);
   }
@@ -90,16 +91,12 @@ void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, i
     std::vector<float> out(static_cast<size_t>(M * kGroup));
     for (int64_t gi = begin; gi < end; ++gi) {
       const int64_t n0 = gi * kGroup, g = std::min(kGroup, N - n0);
+      bool done = false;
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (g == kGroup) group_dots_bf16(x, w + n0 * K, out.data(), M, K);
-        else group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);  // the last, partial group
-      } else {
-        group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);
-      }
-#else
-      group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);
+      if constexpr (kNative<T>)
+        if (g == kGroup) group_dots_bf16(x, w + n0 * K, out.data(), M, K), done = true;
 #endif
+      if (!done) group_dots(xf.data(), w + n0 * K, out.data(), M, K, g);  // portable form, or the last partial group
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < g; ++j) {
           const float b = bias ? widen(bias[n0 + j]) : 0.f;
@@ -110,14 +107,6 @@ void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, i
 }
 
 }  // namespace
-
-bool small_linear_native_bf16() {
-#if defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.device().is_cpu() && w.device().is_cpu(),
