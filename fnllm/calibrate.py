@@ -3,8 +3,8 @@
 It loads the model exactly as ``LLM(model, dtype=..., device=...)`` does with
 its defaults (1 GiB of KV cache, block size 16, budget, max_num_seqs), times
 a grid of hand-built plans through :class:`~fnllm.device.executor.ModelExecutor`
-(decode batches x context lengths, prefill chunks at several offsets,
-mixed batches), takes the median of ``repeats`` timings per shape, and fits
+(decode batches x context lengths, prefill chunks at several offsets, mixed
+batches; the KV cache's pages mapped first, ``populate_kv``), takes the median of ``repeats`` timings per shape, and fits
 :mod:`fnllm.sim.cost`'s linear terms and token curve (the step's time by
 its token count, at the grid's sizes) by non-negative least squares. The
 engine's own per-step work (schedule, commit, output bookkeeping: pure
@@ -208,6 +208,7 @@ def calibrate(model: str | None, *, dtype: str = "float32", device: str = "auto"
     blocks = _Blocks(executor.num_blocks, executor.block_size)
     capacity = int(executor.num_blocks * executor.block_size * 0.9)
     plans = [make_plan(rows, blocks, executor.vocab_size) for rows in grid(grid_kind, capacity, config.scheduler.max_model_len)]
+    executor.populate_kv()  # steps are timed as a warm server runs them: no first-touch page faults
     log(f"calibrating {path} ({dtype}, {executor.device}) on {len(plans)} step shapes x {repeats} repeats ...")
     times = time_plans(executor, plans, repeats, timer)
     feats = [features(p) for p in plans]

@@ -22,7 +22,6 @@ rank 0 of the last stage) samples: the others' ``execute`` returns None.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 
 from fnllm.device.attention import get_attn_backend, resolve_device
 from fnllm.device.batch import HostBatch, build_host_batch, prompt_logprob_indices
+from fnllm.device.kv_memory import populate, zeros_lazy
 from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
 from fnllm.device.penalties import CountMemo
 from fnllm.device.sampling import SampleRequest, prompt_logprobs, sample
@@ -45,22 +45,6 @@ def num_blocks_for_memory(memory_bytes: int, model_config: DecoderConfig, block_
     """How many KV blocks fit in ``memory_bytes`` (all layers, K and V)."""
     element = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     return int(memory_bytes) // model_config.kv_block_bytes(block_size, element)
-
-
-def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor whose host pages are touched only when written: on CPU,
-    numpy's ``calloc`` maps fresh zero pages from the kernel, so a 1 GiB KV
-    cache costs no start-up time and no resident memory until blocks are used
-    (``torch.zeros`` writes every byte: about 0.7 s per GiB here). The data
-    starts on a 64-byte boundary, as torch's own allocator gives."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros(nbytes + 64, dtype=np.uint8)
-    skip = -raw.ctypes.data % 64
-    return torch.from_numpy(raw[skip : skip + nbytes]).view(dtype).view(shape)
 
 
 class ModelExecutor(ModelFacts):
@@ -130,6 +114,11 @@ class ModelExecutor(ModelFacts):
         self.num_host_blocks = num_host_blocks
         self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
         self._counts = CountMemo()  # penalties' token counts, derived from plan data only
+
+    def populate_kv(self) -> bool:
+        """Map the KV cache's host pages now (:func:`fnllm.device.kv_memory.populate`):
+        later steps pay no first-touch page faults. False where unsupported."""
+        return populate(self.kv_caches)
 
     @classmethod
     def from_engine_config(cls, config, *, attn_backend: str | None = None) -> "ModelExecutor":
