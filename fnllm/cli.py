@@ -117,10 +117,24 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("FNLLM_API_KEY") or None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     llm = _make_llm(args)
+    _map_kv_pages(llm)
     names = args.served_model_name or [args.model or Path(llm.llm_engine.config.model.model).stem]
     engine = AsyncLLMEngine.from_llm(llm, max_waiting=args.max_waiting)
     return run_server(engine, names, host=args.host, port=args.port, api_key=api_key,
                       shutdown_timeout=args.shutdown_timeout, access_log=not args.disable_uvicorn_access_log)
+
+
+def _map_kv_pages(llm) -> None:
+    """A server maps its KV cache's pages before the first request, so early
+    requests pay no first-touch page faults (in-process executors; a worker
+    process maps its own lazily)."""
+    import logging
+    import time
+
+    populate = getattr(llm.llm_engine.executor, "populate_kv", None)
+    t = time.perf_counter()
+    if populate is not None and populate():
+        logging.getLogger("fnllm.serve").info("KV cache pages mapped in %.2f s", time.perf_counter() - t)
 
 
 def _sampling(args, overrides: dict | None = None) -> SamplingParams:

@@ -25,3 +25,16 @@ def test_serve_takes_the_engine_options():
     assert (args.model_path, args.dtype, args.block_size, args.num_kv_blocks, args.max_num_seqs) == (
         "m.gguf", "bfloat16", 32, 100, 8)
     assert args.no_prefix_caching and args.served_model_name == ["a", "b"] and args.shutdown_timeout == 30.0
+
+
+def test_serve_maps_the_kv_pages_of_an_in_process_executor(caplog):
+    from types import SimpleNamespace
+
+    from fnllm.cli import _map_kv_pages
+
+    calls = []
+    ex = SimpleNamespace(populate_kv=lambda: calls.append(1) or True)
+    with caplog.at_level("INFO", logger="fnllm.serve"):
+        _map_kv_pages(SimpleNamespace(llm_engine=SimpleNamespace(executor=ex)))
+    assert calls == [1] and "KV cache pages mapped" in caplog.text
+    _map_kv_pages(SimpleNamespace(llm_engine=SimpleNamespace(executor=object())))  # a worker executor: nothing to do
