@@ -4,9 +4,10 @@ It loads the model exactly as ``LLM(model, dtype=..., device=...)`` does with
 its defaults (1 GiB of KV cache, block size 16, budget, max_num_seqs), times
 a grid of hand-built plans through :class:`~fnllm.device.executor.ModelExecutor`
 (decode batches x context lengths, prefill chunks at several offsets, mixed
-batches; the KV cache's pages mapped first, ``populate_kv``), takes the median of ``repeats`` timings per shape, and fits
-:mod:`fnllm.sim.cost`'s linear terms and token curve (the step's time by
-its token count, at the grid's sizes) by non-negative least squares. The
+batches; the KV cache's pages mapped first, ``populate_kv``), takes the
+median of ``repeats`` timings per shape, and fits :mod:`fnllm.sim.cost`'s
+linear terms and token curve (the step's time by its token count, at the
+grid's sizes) by non-negative least squares. The
 engine's own per-step work (schedule, commit, output bookkeeping: pure
 Python) is timed separately with the simulator's executor and added to the
 ``step`` and ``sample`` terms, so a simulated step costs what a served one
