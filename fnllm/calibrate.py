@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from fnllm.sim.cost import FEATURES, LINEAR_TERMS, CostModel, curve_at, features
+from fnllm.sim.cost import FEATURES, TERM_OF, CostModel, curve_at, features
 from fnllm.state import BatchPlan, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -162,8 +162,7 @@ def fit(feats: list[dict], times: list[float]) -> tuple[dict, list]:
     w = 1.0 / y  # relative error: every shape counts, small ones too
     scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
     x = nnls(a * w[:, None] / scale, y * w) / scale
-    names = dict(zip(FEATURES, LINEAR_TERMS[1:]))
-    coef = {"step": 0.0, "token": 0.0} | {names[k]: float(v) for k, v in zip(terms, x[len(knots):])}
+    coef = {"step": 0.0, "token": 0.0} | {TERM_OF[k]: float(v) for k, v in zip(terms, x[len(knots):])}
     return coef, [[k, float(v)] for k, v in zip(knots, x[: len(knots)])]
 
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "small_linear.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "common.h"]  # not compiled on their own, part of the build key
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def _key() -> str:
 
     import torch
 
-    text = "\0".join([*(p.read_text() for p in _SOURCES), " ".join(_CFLAGS), torch.__version__, platform.python_version(),
-                      platform.machine()])
+    sources = [p.read_text() for p in _SOURCES + _HEADERS]
+    text = "\0".join([*sources, " ".join(_CFLAGS), torch.__version__, platform.python_version(), platform.machine()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

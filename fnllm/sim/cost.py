@@ -53,7 +53,7 @@ from fnllm.state import BatchPlan
 
 FEATURES = ("tokens", "sampled_rows", "prefill_pairs", "decode_context", "copied_blocks", "swapped_blocks")
 LINEAR_TERMS = ("step", "token", "sample", "prefill_attn", "decode_attn", "copy", "swap")
-_TERM_OF = dict(zip(FEATURES, LINEAR_TERMS[1:]))
+TERM_OF = dict(zip(FEATURES, LINEAR_TERMS[1:]))  # feature -> the linear term that prices it
 
 
 def _swap_count(plan: BatchPlan) -> int:
@@ -83,14 +83,12 @@ def features(plan: BatchPlan) -> dict:
 
 def curve_at(curve: list, x: float) -> float:
     """A piecewise-linear curve ``[[x, y], ...]`` at ``x`` (see the module docstring)."""
-    x0, y0 = 0.0, 0.0
-    for i, (x1, y1) in enumerate(curve):
-        if x <= x1 or i == len(curve) - 1:
-            if i == len(curve) - 1 and i > 0 and x > x1:
-                x0, y0 = curve[i - 1]
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-        x0, y0 = x1, y1
-    return 0.0
+    px = py = qx = qy = 0.0  # (px, py): the point before (qx, qy)
+    for x1, y1 in curve:
+        if x <= x1:
+            return qy + (y1 - qy) * (x - qx) / (x1 - qx)
+        px, py, qx, qy = qx, qy, x1, y1
+    return py + (qy - py) * (x - px) / (qx - px)  # beyond the last point: along the last segment
 
 
 def _check_curve(curve) -> None:
@@ -150,7 +148,7 @@ class CostModel:
 
     def _linear(self, f: dict) -> float:
         c = self.coefficients
-        per_token = sum(c.get(_TERM_OF[k], 0.0) * f[k] for k in ("tokens", "sampled_rows", "prefill_pairs", "decode_context"))
+        per_token = sum(c.get(TERM_OF[k], 0.0) * f[k] for k in ("tokens", "sampled_rows", "prefill_pairs", "decode_context"))
         if self.token_curve is not None:
             per_token += curve_at(self.token_curve, f["tokens"])
         other = c.get("copy", 0.0) * f["copied_blocks"] + c.get("swap", 0.0) * f["swapped_blocks"]

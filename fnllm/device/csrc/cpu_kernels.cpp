@@ -8,6 +8,8 @@
 // block_tables [B, max_blocks] int32, seq_lens [B] int32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "common.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -21,17 +23,9 @@
 
 namespace {
 
-inline void to_float(const float* x, float* out, int64_t n) { std::memcpy(out, x, n * sizeof(float)); }
-
-inline void to_float(const c10::BFloat16* x, float* out, int64_t n) {
-  const uint16_t* raw = reinterpret_cast<const uint16_t*>(x);
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<uint32_t>(raw[i]) << 16;
-}
-
-template <typename T>
-inline T from_float(float x) { return static_cast<T>(x); }
+using fnllm_cpu::check;
+using fnllm_cpu::from_float;
+using fnllm_cpu::to_float;
 
 // s[j] = q . k_j for n rows of length D, ``stride`` floats apart.
 inline void dots(const float* __restrict q, const float* __restrict rows, float* __restrict s, int64_t n, int64_t D,
@@ -222,22 +216,6 @@ void rope_impl(const T* qkv, const int64_t* pos, const float* cos_sin, T* q_out,
     }
   });
 }
-
-void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-}
-
-#define FNLLM_DISPATCH(dtype, ...)                                              \
-  if ((dtype) == torch::kFloat32) {                                            \
-    using scalar_t = float;                                                    \
-    __VA_ARGS__();                                                             \
-  } else if ((dtype) == torch::kBFloat16) {                                    \
-    using scalar_t = c10::BFloat16;                                            \
-    __VA_ARGS__();                                                             \
-  } else {                                                                     \
-    TORCH_CHECK(false, "fnllm cpu kernels: unsupported dtype ", (dtype));      \
-  }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                            double scale, int64_t window) {

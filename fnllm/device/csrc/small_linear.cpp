@@ -10,6 +10,8 @@
 // does not depend on M or on the thread count (one fixed summation order).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "common.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -84,7 +86,7 @@ void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, i
   std::vector<float> xf;  // x in float32, for the portable form
   if (!kNative<T> || N % kGroup) {
     xf.resize(static_cast<size_t>(M * K));
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = widen(x[i]);
+    fnllm_cpu::to_float(x, xf.data(), M * K);
   }
   const int64_t groups = (N + kGroup - 1) / kGroup;
   at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
@@ -109,8 +111,7 @@ void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, i
 }  // namespace
 
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.device().is_cpu() && w.device().is_cpu(),
-              "small_linear: x and w must be contiguous CPU tensors");
+  fnllm_cpu::check(x, "small_linear: x"), fnllm_cpu::check(w, "small_linear: w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x [M, K] and w [N, K] needed, got ",
               x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_linear: x and w dtypes differ");
@@ -118,15 +119,9 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   if (bias) TORCH_CHECK(bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == N &&
                         bias->scalar_type() == x.scalar_type(), "small_linear: bias must be [N] of x's dtype");
   auto y = torch::empty({M, N}, x.options());
-  if (x.scalar_type() == torch::kFloat32) {
-    small_linear_impl<float>(x.data_ptr<float>(), w.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
-                             y.data_ptr<float>(), M, N, K);
-  } else if (x.scalar_type() == torch::kBFloat16) {
-    using B = c10::BFloat16;
-    small_linear_impl<B>(x.data_ptr<B>(), w.data_ptr<B>(), bias ? bias->data_ptr<B>() : nullptr, y.data_ptr<B>(), M,
-                         N, K);
-  } else {
-    TORCH_CHECK(false, "small_linear: unsupported dtype ", x.scalar_type());
-  }
+  FNLLM_DISPATCH(x.scalar_type(), [&] {
+    small_linear_impl<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, N, K);
+  });
   return y;
 }
