@@ -37,6 +37,7 @@ from typing import Iterable
 
 from fnllm.blocks import NO_BLOCK, first_window_block, free_blocks, hash_block
 from fnllm.config import EngineConfig
+from fnllm.derived import Traits, decode_ready, length_margin, traits
 from fnllm.state import COLUMNS, HOLE, BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
 
 
@@ -153,8 +154,21 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
         check_holes(table, nc, config, f"seq {run.seq_ids[i]}")
         _check_cached_content(state, i, req)
     _check_places(state)
+    _check_derived(state)
     if not state.requests and pool.num_free != pool.num_blocks:
         _fail(6, f"no live request but {pool.num_blocks - pool.num_free} blocks are held: {sorted(pool.ref.keys())[:10]}")
+
+
+def _check_derived(state: EngineState) -> None:
+    """What :mod:`fnllm.derived` memoized for the running columns is true of them."""
+    run = state.running
+    if decode_ready(run) and (any(t - c != 1 for t, c in zip(run.num_tokens, run.num_computed)) or 0 in run.num_output):
+        _fail(9, "running rows noted decode-ready have more than one token to compute, or no output")
+    if traits(run.sampling) != Traits.of(run.sampling):
+        _fail(9, "the memoized traits of the sampling column disagree with the column")
+    margin = min((sp.max_tokens - k for sp, k in zip(run.sampling, run.num_output)), default=1 << 62)
+    if length_margin(run.sampling, run.num_output) != margin:
+        _fail(9, f"the memoized length margin disagrees with the columns ({margin})")
 
 
 def check_holes(table: tuple[int, ...], nc: int, config: EngineConfig, who: str) -> None:

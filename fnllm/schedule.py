@@ -44,16 +44,15 @@ import attrs
 
 from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
+from fnllm.derived import decode_ready, note_crossing, traits
 from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.spec import plan_drafts
 from fnllm.state import (
-    COLUMNS, HOLE, BatchPlan, EngineState, Request, Running, SamplingParams, Seq, SeqStatus, guided_outputs,
-    OutputIds,
-    seq_tokens,
+    COLUMNS, HOLE, BatchPlan, EngineState, OutputIds, Request, SamplingParams, Seq, SeqStatus, guided_outputs,
+    running_from, seq_tokens,
 )
 
 
-_get_n = attrgetter("n")
 _head = itemgetter(0)
 
 
@@ -297,10 +296,7 @@ class _Step:
     # -- result -------------------------------------------------------------------------
     def finish(self, n_admitted: int) -> tuple[EngineState, BatchPlan]:
         state, c, live = self.state, self.cols, self.live
-        if all(live):
-            running = Running(*(tuple(c[k]) for k in COLUMNS))
-        else:
-            running = Running(*(tuple(compress(c[k], live)) for k in COLUMNS))
+        running = running_from(c, live, state.running)
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
         plan = self._build_plan()
         new_state = attrs.evolve(
@@ -425,10 +421,10 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
     if not n or state.waiting or n > config.scheduler.max_num_batched_tokens:
         return None
     ncs = run.num_computed
-    if list(map(sub, run.num_tokens, ncs)).count(1) != n or 0 in run.num_output:
+    if not decode_ready(run) and (list(map(sub, run.num_tokens, ncs)).count(1) != n or 0 in run.num_output):
         return None
-    pool = state.pool
-    if max(map(_get_n, run.sampling)) > 1 and any(
+    pool, tr = state.pool, traits(run.sampling)
+    if tr.max_n > 1 and any(
         [sp.n > 1 and c % bs and pool.ref[t[-1]] > 1 for sp, c, t in zip(run.sampling, ncs, run.tables)]
     ):
         return None
@@ -465,7 +461,10 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         output_pos=run.num_output,
         sampling=run.sampling,
         swap_out=swap_out,
-        guided_outputs=guided_outputs(run.sampling, run.outputs, run.num_output),
-        history=_history(state.requests, run.sampling, (1,) * n, run.outputs, run.num_output, run.request_ids),
+        guided_outputs=guided_outputs(run.sampling, run.outputs, run.num_output) if tr.guided else (),
+        history=_history(state.requests, run.sampling, (1,) * n, run.outputs, run.num_output, run.request_ids)
+        if tr.history else (),
     )
+    # the rows whose token completes a block (commit names those blocks)
+    note_crossing(plan, bs, [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else [])
     return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan

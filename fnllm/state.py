@@ -18,6 +18,7 @@ import enum
 import json
 import math
 import operator
+from itertools import compress
 from typing import Any, Optional, Protocol
 
 import attrs
@@ -473,6 +474,20 @@ class Running:
 
 
 COLUMNS = tuple(a.name for a in attrs.fields(Running))
+# columns that change only when rows are added or removed
+_ROW_COLUMNS = frozenset({"seq_ids", "request_ids", "indexes", "sampling"})
+
+
+def running_from(cols: dict, live: list, old: Running) -> Running:
+    """Freeze a step's working columns (``cols[name]``, a list per column;
+    ``live[i]`` False for removed rows). When no row was added or removed, the
+    row columns keep ``old``'s tuples (the same objects: memos keyed by them
+    stay valid)."""
+    if not all(live):
+        return Running(*(tuple(compress(cols[k], live)) for k in COLUMNS))
+    if len(live) == len(old):
+        return Running(*(getattr(old, k) if k in _ROW_COLUMNS else tuple(cols[k]) for k in COLUMNS))
+    return Running(*(tuple(cols[k]) for k in COLUMNS))
 
 
 # -- the block pool ----------------------------------------------------------------

@@ -13,15 +13,24 @@ Rows whose sequence is gone (aborted between schedule and commit) are skipped.
 from __future__ import annotations
 
 from itertools import chain, compress, repeat
-from operator import add, attrgetter, ge, itemgetter, mod, not_
+from operator import add, attrgetter, ge, itemgetter, mod
 
 import attrs
 
 from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
+from fnllm.derived import known_crossing, length_margin, note_decode_ready, note_length_margin, traits
 from fnllm.schedule import schedule
 from fnllm.spec import expected_samples, num_accepted
-from fnllm.state import COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, seq_tokens
+from fnllm.state import (
+    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, StepOutput, cons_tuple, running_from,
+    seq_tokens,
+)
+
+
+_max_tokens = attrgetter("max_tokens")
+_stop_ids = attrgetter("stop_token_ids")
+_head = itemgetter(0)
 
 
 def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
@@ -35,7 +44,7 @@ def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
     plp = output.prompt_logprobs
     if plp is not None and tuple(map(len, plp)) != tuple(map(len, plan.prompt_targets or ((),) * len(plan))):
         raise InvariantError("device returned prompt logprobs that do not match the plan's prompt_targets")
-    flat = list(chain.from_iterable(output.sampled))
+    flat = list(map(_head, output.sampled)) if want.count(1) == len(want) else list(chain.from_iterable(output.sampled))
     if flat and (min(flat) < 0 or max(flat) >= vocab):
         raise InvariantError(f"sampled token outside the vocabulary [0, {vocab}): {min(flat)}..{max(flat)}")
 
@@ -63,11 +72,6 @@ def register_blocks(edit: PoolEdit, req, table, hashes: tuple, output, num_outpu
             edit.cache(table[j], h, (parent, toks, extra))
         parent = h
     return hashes + tuple(new) if new else hashes
-
-
-_max_tokens = attrgetter("max_tokens")
-_stop_ids = attrgetter("stop_token_ids")
-_head = itemgetter(0)
 
 
 class _Commit:
@@ -218,10 +222,7 @@ class _Commit:
 
     def finish(self, with_logprobs: bool) -> tuple[EngineState, Outputs]:
         c, live = self.cols, self.live
-        if all(live):
-            running = Running(*(tuple(c[k]) for k in COLUMNS))
-        else:
-            running = Running(*(tuple(compress(c[k], live)) for k in COLUMNS))
+        running = running_from(c, live, self.state.running)
         forked = len(c["seq_ids"]) - len(self.state.running)
         state = attrs.evolve(
             self.state,
@@ -253,28 +254,28 @@ def _commit_decode(
     scheduled in order (decode rows, last prefill chunks) and sampled one
     token, and none ends (None otherwise:
     the general path decides). Agrees with the general path exactly."""
-    run, eos = state.running, config.model.eos_token_ids
-    toks = list(map(_head, output.sampled))
-    nouts = tuple(map(add, run.num_output, repeat(1)))
-    sps = run.sampling
-    if True in map(ge, nouts, map(_max_tokens, sps)):
+    run = state.running
+    margin = length_margin(run.sampling, run.num_output)
+    if margin <= 1:
         return None
-    if not frozenset(eos).union(*map(_stop_ids, sps)).isdisjoint(toks):
+    toks = list(map(_head, output.sampled))
+    tr = traits(run.sampling)
+    if not tr.stop_ids.union(config.model.eos_token_ids).isdisjoint(toks):
         return None  # a stop or EOS token (even if min_tokens or ignore_eos keeps it going): rare, general path
     pool, hashes = state.pool, run.hashes
     if config.cache.enable_prefix_caching:
         crossing = _crossing(plan, config.cache.block_size)
         if crossing:
-            edit, hashes, requests, bs = PoolEdit(pool), list(hashes), state.requests, config.cache.block_size
-            for r in crossing:
-                p = plan.positions[r]
-                hashes[r] = register_blocks(edit, requests[run.request_ids[r]], run.tables[r], hashes[r],
-                                            run.outputs[r], run.num_output[r], p, p + len(plan.token_ids[r]), bs)
-            pool, hashes = edit.finish(), tuple(hashes)
+            edit = PoolEdit(pool)
+            hashes = _register_rows(edit, state, plan, crossing, config.cache.block_size)
+            pool = edit.finish()
+    nouts = tuple(map(add, run.num_output, repeat(1)))
     running = attrs.evolve(
         run, outputs=tuple(zip(toks, run.outputs)), num_output=nouts,
         num_tokens=tuple(map(add, run.num_tokens, repeat(1))), hashes=hashes,
     )
+    note_length_margin(run.sampling, nouts, margin - 1)
+    note_decode_ready(running)  # every row was computed to its end and now has one new token
     n, lps = len(run), output.logprobs
     outputs = Outputs(
         run.request_ids, run.indexes, run.seq_ids, tuple(toks), (None,) * n, (None,) * n,
@@ -283,11 +284,36 @@ def _commit_decode(
     return attrs.evolve(state, pool=pool, running=running), outputs
 
 
+def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: list[int], bs: int) -> tuple:
+    """:func:`register_blocks` for plan rows ``rows`` (= running rows), the
+    hashes column extended. Inline for the common row: one decode token that
+    fills a block of output tokens extending its chain."""
+    run, requests = state.running, state.requests
+    hashes = list(run.hashes)
+    for r in rows:
+        p, k, chain = plan.positions[r], len(plan.token_ids[r]), hashes[r]
+        req, nout = requests[run.request_ids[r]], run.num_output[r]
+        j = p // bs
+        if k != 1 or len(chain) != j or nout < bs:
+            hashes[r] = register_blocks(edit, req, run.tables[r], chain, run.outputs[r], nout, p, p + k, bs)
+            continue
+        toks = cons_tuple(run.outputs[r], bs)  # positions p + 1 - bs .. p: the newest tokens, all output
+        parent = chain[-1] if j else None
+        h = hash_block(parent, toks, req.extra_keys)
+        edit.cache(run.tables[r][j], h, (parent, toks, req.extra_keys))
+        hashes[r] = chain + (h,)
+    return tuple(hashes)
+
+
 def _crossing(plan: BatchPlan, bs: int) -> list[int]:
     """Rows whose new tokens complete at least one block."""
+    known = known_crossing(plan, bs)
+    if known is not None:
+        return known
     lens = list(map(len, plan.token_ids))
-    if lens.count(1) == len(lens):  # all decode rows: those ending on a boundary
-        return list(compress(range(len(lens)), map(not_, map(mod, map(add, plan.positions, repeat(1)), repeat(bs)))))
+    if lens.count(1) == len(lens):  # all decode rows: those whose position ends a block
+        rem = list(map(mod, plan.positions, repeat(bs)))
+        return [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else []
     return [r for r, (p, k) in enumerate(zip(plan.positions, lens)) if (p + k) // bs != p // bs]
 
 

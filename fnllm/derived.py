@@ -1,0 +1,112 @@
+"""Facts the hot paths derive from the core's immutable values, memoized by
+the values' identity.
+
+A decode step keeps most of ``Running``'s column tuples (the same objects)
+and changes the rest in a way the fast paths know, so what a step derived
+can be reused by the next one instead of recomputed with a pass over every
+row. Each memo entry holds the objects it is keyed by, so an id is never
+reused while its entry lives, and a hit returns exactly what recomputing
+would (a pure function of immutable values); a miss recomputes. The memos
+are small and bounded (cleared when full); none of this is state.
+
+- :func:`traits`: a summary of the ``sampling`` column.
+- :func:`length_margin` / :func:`note_length_margin`: the fewest tokens any
+  row may still append before ``max_tokens``.
+- :func:`decode_ready` / :func:`note_decode_ready`: a ``Running`` whose every
+  row has exactly one token to compute and at least one output.
+- :func:`known_crossing` / :func:`note_crossing`: the rows of a plan whose new
+  tokens complete a block.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter, sub
+
+import attrs
+
+_SIZE = 8
+_TRAITS: dict[int, tuple] = {}
+_MARGIN: dict[int, tuple] = {}
+_READY: dict[int, object] = {}
+_CROSSING: dict[int, tuple] = {}
+
+_n = attrgetter("n")
+_guided = attrgetter("guided_decoding")
+_history = attrgetter("needs_history")
+_stop_ids = attrgetter("stop_token_ids")
+_max_tokens = attrgetter("max_tokens")
+
+
+def _put(memo: dict, key: object, value: tuple | object) -> None:
+    if len(memo) >= _SIZE:
+        memo.clear()
+    memo[id(key)] = value
+
+
+@attrs.frozen
+class Traits:
+    """``max_n``: the largest ``n``; ``guided`` / ``history``: whether any row
+    is guided / reads its tokens when sampling; ``stop_ids``: every row's
+    stop token ids; ``max_tokens``: the column of ``max_tokens``."""
+
+    max_n: int
+    guided: bool
+    history: bool
+    stop_ids: frozenset
+    max_tokens: tuple[int, ...]
+
+    @classmethod
+    def of(cls, sampling: tuple) -> "Traits":
+        return cls(
+            max_n=max(map(_n, sampling), default=1),
+            guided=any(map(_guided, sampling)),
+            history=any(map(_history, sampling)),
+            stop_ids=frozenset().union(*map(_stop_ids, sampling)),
+            max_tokens=tuple(map(_max_tokens, sampling)),
+        )
+
+
+def traits(sampling: tuple) -> Traits:
+    """The :class:`Traits` of a sampling column."""
+    hit = _TRAITS.get(id(sampling))
+    if hit is not None and hit[0] is sampling:
+        return hit[1]
+    found = Traits.of(sampling)
+    _put(_TRAITS, sampling, (sampling, found))
+    return found
+
+
+def length_margin(sampling: tuple, num_output: tuple) -> int:
+    """``min(max_tokens - num_output)`` over the rows (a large number when none)."""
+    hit = _MARGIN.get(id(num_output))
+    if hit is not None and hit[0] is num_output and hit[1] is sampling:
+        return hit[2]
+    return min(map(sub, traits(sampling).max_tokens, num_output), default=1 << 62)
+
+
+def note_length_margin(sampling: tuple, num_output: tuple, margin: int) -> None:
+    """Record :func:`length_margin` of a column the caller derived it for."""
+    _put(_MARGIN, num_output, (num_output, sampling, margin))
+
+
+def decode_ready(running: object) -> bool:
+    """Whether ``running`` was noted by :func:`note_decode_ready` (False: unknown)."""
+    return _READY.get(id(running)) is running
+
+
+def note_decode_ready(running: object) -> None:
+    """Record that every row of ``running`` has one token to compute and an output."""
+    _put(_READY, running, running)
+
+
+def known_crossing(plan: object, block_size: int) -> list[int] | None:
+    """The rows noted by :func:`note_crossing` for ``plan`` (None: unknown)."""
+    hit = _CROSSING.get(id(plan))
+    if hit is not None and hit[0] is plan and hit[1] == block_size:
+        return hit[2]
+    return None
+
+
+def note_crossing(plan: object, block_size: int, rows: list[int]) -> None:
+    """Record the rows of ``plan`` whose new tokens complete a block of ``block_size``."""
+    _put(_CROSSING, plan, (plan, block_size, rows))
