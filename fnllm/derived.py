@@ -16,10 +16,16 @@ are small and bounded (cleared when full); none of this is state.
   row has exactly one token to compute and at least one output.
 - :func:`known_crossing` / :func:`note_crossing`: the rows of a plan whose new
   tokens complete a block.
+
+:func:`one_token` interns the one-token tuples of decode rows' ``token_ids``
+(at most one per vocabulary id, never collected), and :func:`filled`
+the constant columns: a decode step builds hundreds of the former and a few
+of the latter, and fresh ones would each be scanned by the cyclic GC.
 """
 
 from __future__ import annotations
 
+import functools
 from operator import attrgetter, sub
 
 import attrs
@@ -110,3 +116,19 @@ def known_crossing(plan: object, block_size: int) -> list[int] | None:
 def note_crossing(plan: object, block_size: int, rows: list[int]) -> None:
     """Record the rows of ``plan`` whose new tokens complete a block of ``block_size``."""
     _put(_CROSSING, plan, (plan, block_size, rows))
+
+
+class _OneTokenTuples(dict):
+    def __missing__(self, token: int) -> tuple[int]:
+        one = self[token] = (token,)
+        return one
+
+
+one_token = _OneTokenTuples().__getitem__  # token -> (token,), the same object every time
+
+
+@functools.lru_cache(maxsize=64)
+def filled(value: object, n: int) -> tuple:
+    """``(value,) * n`` for a hashable ``value``, the same tuple every time (a
+    step's constant columns: all ones, all None)."""
+    return (value,) * n

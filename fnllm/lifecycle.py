@@ -15,7 +15,10 @@ import attrs
 
 from fnllm.blocks import PoolEdit, chain_hashes, new_pool
 from fnllm.config import EngineConfig
+from fnllm.replace import replacer
 from fnllm.state import COLUMNS, EngineState, Rejection, Request, Running, Seq
+
+_replace_state = replacer(EngineState)
 
 
 def initial_state(config: EngineConfig) -> EngineState:
@@ -156,7 +159,7 @@ def add_request(state: EngineState, request: Request, config: EngineConfig) -> E
     req = attrs.evolve(request, arrival=state.next_arrival, block_hashes=hashes)
     seq = Seq(seq_id=state.next_seq_id, request_id=req.request_id, hashes=hashes)
     requests = state.requests.set(req.request_id, req)
-    return attrs.evolve(
+    return _replace_state(
         state,
         requests=requests,
         alive=state.alive.set(req.request_id, 1),

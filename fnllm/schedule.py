@@ -40,20 +40,21 @@ from __future__ import annotations
 from itertools import compress, repeat
 from operator import add, attrgetter, itemgetter, mod, not_, sub
 
-import attrs
-
 from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
-from fnllm.derived import decode_ready, note_crossing, traits
+from fnllm.derived import decode_ready, filled, note_crossing, one_token, traits
 from fnllm.lifecycle import blocks_for, insert_waiting
+from fnllm.replace import replacer
 from fnllm.spec import plan_drafts
 from fnllm.state import (
-    COLUMNS, HOLE, BatchPlan, EngineState, OutputIds, Request, SamplingParams, Seq, SeqStatus, guided_outputs,
-    running_from, seq_tokens,
+    COLUMNS, HOLE, BatchPlan, EngineState, OutputIds, Request, Running, SamplingParams, Seq, SeqStatus,
+    guided_outputs, running_from, seq_tokens,
 )
 
 
 _head = itemgetter(0)
+_replace_state = replacer(EngineState)
+_replace_running = replacer(Running)
 
 
 def _width(sp: SamplingParams, num_output: int) -> int:
@@ -299,7 +300,7 @@ class _Step:
         running = running_from(c, live, state.running)
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
         plan = self._build_plan()
-        new_state = attrs.evolve(
+        new_state = _replace_state(
             state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1,
             num_preemptions=state.num_preemptions + len(self.preempted),
             prefix_cache_queries=state.prefix_cache_queries + self.queries,
@@ -448,23 +449,23 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         tables = tuple(tables)
         swap_out = tuple(edit.swaps_out)
         pool = edit.finish()
-    running = attrs.evolve(run, num_computed=tuple(map(add, ncs, repeat(1))), tables=tables)
+    running = _replace_running(run, num_computed=tuple(map(add, ncs, repeat(1))), tables=tables)
     plan = BatchPlan(
         step=state.step,
         seq_ids=run.seq_ids,
         request_ids=run.request_ids,
-        token_ids=tuple(zip(map(_head, run.outputs))),
+        token_ids=tuple(map(one_token, map(_head, run.outputs))),
         positions=ncs,
         block_tables=tables,
-        num_samples=(1,) * n,
+        num_samples=filled(1, n),
         sample_index=run.indexes,
         output_pos=run.num_output,
         sampling=run.sampling,
         swap_out=swap_out,
         guided_outputs=guided_outputs(run.sampling, run.outputs, run.num_output) if tr.guided else (),
-        history=_history(state.requests, run.sampling, (1,) * n, run.outputs, run.num_output, run.request_ids)
+        history=_history(state.requests, run.sampling, filled(1, n), run.outputs, run.num_output, run.request_ids)
         if tr.history else (),
     )
     # the rows whose token completes a block (commit names those blocks)
     note_crossing(plan, bs, [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else [])
-    return attrs.evolve(state, pool=pool, running=running, step=state.step + 1), plan
+    return _replace_state(state, pool=pool, running=running, step=state.step + 1), plan

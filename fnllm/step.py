@@ -19,18 +19,21 @@ import attrs
 
 from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
-from fnllm.derived import known_crossing, length_margin, note_decode_ready, note_length_margin, traits
+from fnllm.derived import filled, known_crossing, length_margin, note_decode_ready, note_length_margin, traits
+from fnllm.replace import replacer
 from fnllm.schedule import schedule
 from fnllm.spec import expected_samples, num_accepted
 from fnllm.state import (
-    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, StepOutput, cons_tuple, running_from,
-    seq_tokens,
+    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, cons_tuple,
+    running_from, seq_tokens,
 )
 
 
 _max_tokens = attrgetter("max_tokens")
 _stop_ids = attrgetter("stop_token_ids")
 _head = itemgetter(0)
+_replace_state = replacer(EngineState)
+_replace_running = replacer(Running)
 
 
 def check_output(plan: BatchPlan, output: StepOutput, vocab: int) -> None:
@@ -224,7 +227,7 @@ class _Commit:
         c, live = self.cols, self.live
         running = running_from(c, live, self.state.running)
         forked = len(c["seq_ids"]) - len(self.state.running)
-        state = attrs.evolve(
+        state = _replace_state(
             self.state,
             pool=self.edit.finish(),
             running=running,
@@ -270,7 +273,7 @@ def _commit_decode(
             hashes = _register_rows(edit, state, plan, crossing, config.cache.block_size)
             pool = edit.finish()
     nouts = tuple(map(add, run.num_output, repeat(1)))
-    running = attrs.evolve(
+    running = _replace_running(
         run, outputs=tuple(zip(toks, run.outputs)), num_output=nouts,
         num_tokens=tuple(map(add, run.num_tokens, repeat(1))), hashes=hashes,
     )
@@ -278,10 +281,10 @@ def _commit_decode(
     note_decode_ready(running)  # every row was computed to its end and now has one new token
     n, lps = len(run), output.logprobs
     outputs = Outputs(
-        run.request_ids, run.indexes, run.seq_ids, tuple(toks), (None,) * n, (None,) * n,
+        run.request_ids, run.indexes, run.seq_ids, tuple(toks), filled(None, n), filled(None, n),
         None if lps is None else tuple([x[0] if x else None for x in lps]), (),  # () : no logprobs asked
     )
-    return attrs.evolve(state, pool=pool, running=running), outputs
+    return _replace_state(state, pool=pool, running=running), outputs
 
 
 def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: list[int], bs: int) -> tuple:
