@@ -7,7 +7,9 @@ can be reused by the next one instead of recomputed with a pass over every
 row. Each memo entry holds the objects it is keyed by, so an id is never
 reused while its entry lives, and a hit returns exactly what recomputing
 would (a pure function of immutable values); a miss recomputes. The memos
-are small and bounded (cleared when full); none of this is state.
+are small and bounded (cleared when full; those a step notes for the next
+one keep two entries, so old values are not kept alive); none of this is
+state.
 
 - :func:`traits`: a summary of the ``sampling`` column.
 - :func:`length_margin` / :func:`note_length_margin`: the fewest tokens any
@@ -31,6 +33,7 @@ from operator import attrgetter, sub
 import attrs
 
 _SIZE = 8
+_RECENT = 2  # facts a step notes for the next step only: older values may die
 _TRAITS: dict[int, tuple] = {}
 _MARGIN: dict[int, tuple] = {}
 _READY: dict[int, object] = {}
@@ -43,8 +46,8 @@ _stop_ids = attrgetter("stop_token_ids")
 _max_tokens = attrgetter("max_tokens")
 
 
-def _put(memo: dict, key: object, value: tuple | object) -> None:
-    if len(memo) >= _SIZE:
+def _put(memo: dict, key: object, value: tuple | object, size: int = _SIZE) -> None:
+    if len(memo) >= size:
         memo.clear()
     memo[id(key)] = value
 
@@ -92,7 +95,7 @@ def length_margin(sampling: tuple, num_output: tuple) -> int:
 
 def note_length_margin(sampling: tuple, num_output: tuple, margin: int) -> None:
     """Record :func:`length_margin` of a column the caller derived it for."""
-    _put(_MARGIN, num_output, (num_output, sampling, margin))
+    _put(_MARGIN, num_output, (num_output, sampling, margin), _RECENT)
 
 
 def decode_ready(running: object) -> bool:
@@ -102,7 +105,7 @@ def decode_ready(running: object) -> bool:
 
 def note_decode_ready(running: object) -> None:
     """Record that every row of ``running`` has one token to compute and an output."""
-    _put(_READY, running, running)
+    _put(_READY, running, running, _RECENT)
 
 
 def known_crossing(plan: object, block_size: int) -> list[int] | None:
@@ -115,7 +118,7 @@ def known_crossing(plan: object, block_size: int) -> list[int] | None:
 
 def note_crossing(plan: object, block_size: int, rows: list[int]) -> None:
     """Record the rows of ``plan`` whose new tokens complete a block of ``block_size``."""
-    _put(_CROSSING, plan, (plan, block_size, rows))
+    _put(_CROSSING, plan, (plan, block_size, rows), _RECENT)
 
 
 class _OneTokenTuples(dict):

@@ -261,7 +261,7 @@ def _commit_decode(
     margin = length_margin(run.sampling, run.num_output)
     if margin <= 1:
         return None
-    toks = list(map(_head, output.sampled))
+    toks = tuple(map(_head, output.sampled))
     tr = traits(run.sampling)
     if not tr.stop_ids.union(config.model.eos_token_ids).isdisjoint(toks):
         return None  # a stop or EOS token (even if min_tokens or ignore_eos keeps it going): rare, general path
@@ -281,7 +281,7 @@ def _commit_decode(
     note_decode_ready(running)  # every row was computed to its end and now has one new token
     n, lps = len(run), output.logprobs
     outputs = Outputs(
-        run.request_ids, run.indexes, run.seq_ids, tuple(toks), filled(None, n), filled(None, n),
+        run.request_ids, run.indexes, run.seq_ids, toks, filled(None, n), filled(None, n),
         None if lps is None else tuple([x[0] if x else None for x in lps]), (),  # () : no logprobs asked
     )
     return _replace_state(state, pool=pool, running=running), outputs

@@ -56,27 +56,29 @@ LINEAR_TERMS = ("step", "token", "sample", "prefill_attn", "decode_attn", "copy"
 TERM_OF = dict(zip(FEATURES, LINEAR_TERMS[1:]))  # feature -> the linear term that prices it
 
 
+_SWAP_FIELDS = tuple(f.name for f in attrs.fields(BatchPlan) if "swap" in f.name)
+
+
 def _swap_count(plan: BatchPlan) -> int:
-    n = 0
-    for f in attrs.fields(type(plan)):
-        if "swap" in f.name:
-            v = getattr(plan, f.name)
-            n += len(v) if hasattr(v, "__len__") else int(bool(v))
-    return n
+    return sum(len(getattr(plan, name)) for name in _SWAP_FIELDS)
 
 
 def features(plan: BatchPlan) -> dict:
     """The plan's cost inputs (see the module docstring)."""
-    tokens = sampled = pairs = ctx = 0  # noqa: the hot loop of the simulator
-    for toks, pos, ns in zip(plan.token_ids, plan.positions, plan.num_samples):
-        n = len(toks)
-        tokens += n
-        if ns:
-            sampled += 1
-        if n == 1:
-            ctx += pos + 1
-        else:
-            pairs += n * pos + n * (n + 1) // 2
+    lens = list(map(len, plan.token_ids))
+    rows = len(lens)
+    if lens.count(1) == rows:  # single-token rows only (the common step): column-wise
+        tokens, sampled, pairs, ctx = rows, rows - plan.num_samples.count(0), 0, sum(plan.positions) + rows
+    else:
+        tokens = sampled = pairs = ctx = 0
+        for n, pos, ns in zip(lens, plan.positions, plan.num_samples):
+            tokens += n
+            if ns:
+                sampled += 1
+            if n == 1:
+                ctx += pos + 1
+            else:
+                pairs += n * pos + n * (n + 1) // 2
     return {"tokens": tokens, "sampled_rows": sampled, "prefill_pairs": pairs, "decode_context": ctx,
             "copied_blocks": len(plan.copies), "swapped_blocks": _swap_count(plan)}
 

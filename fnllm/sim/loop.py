@@ -15,6 +15,7 @@ sequence sent back to the waiting queue, by recompute or swap).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import attrs
@@ -55,8 +56,14 @@ class SimResult:
 
 
 def _request_params(item: WorkItem) -> SamplingParams:
+    return _params_for(item.output_len)
+
+
+@functools.lru_cache(maxsize=4096)
+def _params_for(output_len: int) -> SamplingParams:
+    """One (immutable) params value per output length, shared by the requests that ask for it."""
     return SamplingParams(
-        max_tokens=item.output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
+        max_tokens=output_len, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
     )
 
 

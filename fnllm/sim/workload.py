@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import random
 import re
+from itertools import repeat
+from operator import add, mod
 
 import attrs
 
@@ -168,7 +170,7 @@ def prompt_ids(item: WorkItem, index: int, vocab_size: int, avoid: frozenset = f
     lo = 3 if vocab_size > 16 else 0
     span = vocab_size - lo
     a, b = index % span, 1 + (index // span) % max(1, span - 1)
-    out = [lo + (a + j * b) % span for j in range(item.prompt_len)]
+    out = list(map(add, repeat(lo), map(mod, range(a, a + b * item.prompt_len, b), repeat(span))))  # lo + (a + j b) % span
     if avoid and not avoid.isdisjoint(out):
         out = [t if t not in avoid else lo + (t - lo + 1) % span for t in out]
     return tuple(out)

@@ -58,7 +58,7 @@ def test_the_memos_stay_bounded():
     for k in range(100):
         derived.note_length_margin((), (k,), k)
         derived.traits(tuple([SamplingParams(max_tokens=k + 1)]))
-    assert len(derived._MARGIN) <= derived._SIZE and len(derived._TRAITS) <= derived._SIZE
+    assert len(derived._MARGIN) <= derived._RECENT and len(derived._TRAITS) <= derived._SIZE
 
 
 def test_a_decode_step_notes_what_the_next_step_reuses_and_it_is_true():
