@@ -24,8 +24,8 @@ from fnllm.replace import replacer
 from fnllm.schedule import schedule
 from fnllm.spec import expected_samples, num_accepted
 from fnllm.state import (
-    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, cons_tuple,
-    running_from, seq_tokens,
+    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, running_from,
+    seq_tokens,
 )
 
 
@@ -57,10 +57,16 @@ def register_blocks(edit: PoolEdit, req, table, hashes: tuple, output, num_outpu
     [start, end) completed; the sequence's hash chain, extended."""
     first, last = start // bs, end // bs
     known = len(hashes)
+    extra = req.extra_keys
+    if last - first == 1 and known == first:  # one block, next in the chain (a decode step's): no slicing
+        parent = hashes[-1] if known else None
+        span = seq_tokens(req.prompt_token_ids, output, num_output, first * bs, last * bs)
+        h = hash_block(parent, span, extra)
+        edit.cache(table[first], h, (parent, span, extra))
+        return hashes + (h,)
     lo = min(first, known)
     if lo >= last:
         return hashes
-    extra = req.extra_keys
     span = seq_tokens(req.prompt_token_ids, output, num_output, lo * bs, last * bs)
     parent = hashes[lo - 1] if lo else None
     new = []
@@ -288,23 +294,13 @@ def _commit_decode(
 
 
 def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: list[int], bs: int) -> tuple:
-    """:func:`register_blocks` for plan rows ``rows`` (= running rows), the
-    hashes column extended. Inline for the common row: one decode token that
-    fills a block of output tokens extending its chain."""
+    """:func:`register_blocks` for plan rows ``rows`` (= running rows): the hashes column, extended."""
     run, requests = state.running, state.requests
     hashes = list(run.hashes)
     for r in rows:
-        p, k, chain = plan.positions[r], len(plan.token_ids[r]), hashes[r]
-        req, nout = requests[run.request_ids[r]], run.num_output[r]
-        j = p // bs
-        if k != 1 or len(chain) != j or nout < bs:
-            hashes[r] = register_blocks(edit, req, run.tables[r], chain, run.outputs[r], nout, p, p + k, bs)
-            continue
-        toks = cons_tuple(run.outputs[r], bs)  # positions p + 1 - bs .. p: the newest tokens, all output
-        parent = chain[-1] if j else None
-        h = hash_block(parent, toks, req.extra_keys)
-        edit.cache(run.tables[r][j], h, (parent, toks, req.extra_keys))
-        hashes[r] = chain + (h,)
+        p = plan.positions[r]
+        hashes[r] = register_blocks(edit, requests[run.request_ids[r]], run.tables[r], hashes[r], run.outputs[r],
+                                    run.num_output[r], p, p + len(plan.token_ids[r]), bs)
     return tuple(hashes)
 
 
