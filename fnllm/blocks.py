@@ -56,7 +56,8 @@ import hashlib
 import struct
 from typing import Iterable, Sequence
 
-from fnllm.state import HOLE, BlockPool, Cons, InvariantError
+from fnllm.pmaps import Edit
+from fnllm.state import BY_HASH, CONTENT, HASH_OF, HOLE, LRU_NEXT, LRU_PREV, REF, BlockPool, Cons, InvariantError
 
 NO_BLOCK = -1
 _ROOT = bytes(32)
@@ -109,10 +110,17 @@ def new_pool(num_blocks: int, block_size: int, num_host_blocks: int = 0) -> Bloc
     return BlockPool(num_blocks=num_blocks, block_size=block_size, host=host)
 
 
-class PoolEdit:
-    """Mutable working copy of a pool, private to one pure function call."""
+class PoolEdit(Edit):
+    """Mutable working copy of a pool, private to one pure function call.
+
+    A new version of the pool's maps (:class:`~fnllm.pmaps.Edit`), written in
+    place; ``ref``, ``nxt``, ``prv``, ``hash_of``, ``by_hash`` and ``content``
+    are its dicts, read-only outside this class, and hold this edit's version
+    while no other version of the same pool is read (every method first
+    makes sure of it, with :meth:`own`)."""
 
     def __init__(self, pool: BlockPool, offload: bool = False) -> None:
+        super().__init__(pool.maps)
         self.pool = pool
         self.offload = offload
         self._host: PoolEdit | None = None
@@ -120,16 +128,11 @@ class PoolEdit:
         self.swaps_in: list[tuple[int, int]] = []
         self.host_release: list[int] = []
         self._moved: dict[int, int] = {}  # device block -> host block it was swapped to, this edit
-        self.ref = pool.ref.mutate()
+        self.ref, self.nxt, self.prv, self.hash_of, self.by_hash, self.content = self.maps
         self.stack: Cons = pool.free_stack
         self.num_stack = pool.num_stack
         self.fresh = pool.fresh
         self.head, self.tail, self.num_lru = pool.lru_head, pool.lru_tail, pool.num_lru
-        self.nxt = pool.lru_next.mutate()
-        self.prv = pool.lru_prev.mutate()
-        self.hash_of = pool.hash_of.mutate()
-        self.by_hash = pool.by_hash.mutate()
-        self.content = pool.content.mutate()
 
     @property
     def num_free(self) -> int:
@@ -138,8 +141,8 @@ class PoolEdit:
     # -- LRU list of cached free blocks ----------------------------------------
     def _lru_append(self, b: int) -> None:
         if self.tail != NO_BLOCK:
-            self.nxt[self.tail] = b
-            self.prv[b] = self.tail
+            self.put(LRU_NEXT, self.tail, b)
+            self.put(LRU_PREV, b, self.tail)
         else:
             self.head = b
         self.tail = b
@@ -149,19 +152,19 @@ class PoolEdit:
         p = self.prv.get(b, NO_BLOCK)
         n = self.nxt.get(b, NO_BLOCK)
         if p != NO_BLOCK:
-            del self.prv[b]
+            self.drop(LRU_PREV, b)
             if n != NO_BLOCK:
-                self.nxt[p] = n
+                self.put(LRU_NEXT, p, n)
             else:
-                del self.nxt[p]
+                self.drop(LRU_NEXT, p)
         else:
             self.head = n
         if n != NO_BLOCK:
-            del self.nxt[b]
+            self.drop(LRU_NEXT, b)
             if p != NO_BLOCK:
-                self.prv[n] = p
+                self.put(LRU_PREV, n, p)
             else:
-                del self.prv[n]
+                self.drop(LRU_PREV, n)
         else:
             self.tail = p
         self.num_lru -= 1
@@ -169,13 +172,15 @@ class PoolEdit:
     def _forget(self, b: int) -> None:
         h = self.hash_of.get(b)
         if h is not None:
-            del self.hash_of[b]
-            del self.by_hash[h]
-            del self.content[b]
+            self.drop(HASH_OF, b)
+            self.drop(BY_HASH, h)
+            self.drop(CONTENT, b)
 
     # -- allocation ---------------------------------------------------------------
     def take(self) -> int:
         """One block (reference count 1); the caller checks ``num_free`` first."""
+        if self.store.root is not self.version:
+            self.own()
         if self.stack is not None:
             b, self.stack = self.stack
             self.num_stack -= 1
@@ -188,7 +193,7 @@ class PoolEdit:
             if self.offload:
                 self._offload(b)
             self._forget(b)
-        self.ref[b] = 1
+        self.put(REF, b, 1)
         return b
 
     def allocate(self, n: int) -> list[int] | None:
@@ -198,21 +203,25 @@ class PoolEdit:
         return [self.take() for _ in range(n)]
 
     def incref(self, b: int) -> None:
+        if self.store.root is not self.version:
+            self.own()
         r = self.ref.get(b, 0)
         if r == 0:
             if b not in self.hash_of:
                 raise InvariantError(f"incref of free uncached block {b}")
             self._lru_remove(b)
-        self.ref[b] = r + 1
+        self.put(REF, b, r + 1)
 
     def decref(self, b: int) -> None:
+        if self.store.root is not self.version:
+            self.own()
         r = self.ref.get(b, 0)
         if r <= 0:
             raise InvariantError(f"invariant 1: free of block {b} that is not referenced")
         if r > 1:
-            self.ref[b] = r - 1
+            self.put(REF, b, r - 1)
             return
-        del self.ref[b]
+        self.drop(REF, b)
         if b in self.hash_of:
             self._lru_append(b)
         else:
@@ -241,6 +250,7 @@ class PoolEdit:
     # -- prefix cache -------------------------------------------------------------
     def lookup(self, hashes: Iterable[bytes]) -> list[int]:
         """Blocks of the longest cached prefix of the hash chain ``hashes``."""
+        self.own()
         out = []
         by_hash = self.by_hash
         for h in hashes:
@@ -253,6 +263,7 @@ class PoolEdit:
     def uncache(self, b: int) -> None:
         """Forget block ``b``'s cached content (it can no longer be trusted); a
         free cached block becomes a plain free block. No-op when not cached."""
+        self.own()
         if b not in self.hash_of:
             return
         self._forget(b)
@@ -264,21 +275,24 @@ class PoolEdit:
     def cache(self, b: int, h: bytes, content: tuple) -> bool:
         """Name full block ``b`` by ``h``; False when ``h`` or ``b`` is already named.
         A host-tier copy of ``h`` is dropped (a hash lives in one tier)."""
+        if self.store.root is not self.version:
+            self.own()
         if h in self.by_hash or b in self.hash_of:
             return False
         hp = self.pool.host
-        if hp is not None and (self._host is not None or hp.hash_of):
+        if hp is not None and (self._host is not None or _has_cached(hp)):
             host = self.host
             hb = host.by_hash.get(h)
             if hb is not None:
                 host.drop_cached(hb)
-        self.hash_of[b] = h
-        self.by_hash[h] = b
-        self.content[b] = content
+        self.put(HASH_OF, b, h)
+        self.put(BY_HASH, h, b)
+        self.put(CONTENT, b, content)
         return True
 
     def writable(self, table: list[int], j: int, copies: list[tuple[int, int]]) -> bool:
         """Make ``table[j]`` private (copy-on-write); False when no block is free."""
+        self.own()
         b = table[j]
         if self.ref[b] == 1:
             return True
@@ -292,6 +306,7 @@ class PoolEdit:
 
     def drop_cached(self, b: int) -> None:
         """Forget cached block ``b``'s hash; a free one becomes plain free."""
+        self.own()
         if self.ref.get(b, 0) == 0:
             self._lru_remove(b)
             self._forget(b)
@@ -350,6 +365,7 @@ class PoolEdit:
         ``blocks``) into device ``blocks``, which take over their hashes."""
         host = self.host if hits else None
         for h, b, hsh in zip(hits, blocks, hashes):
+            host.own()
             content = host.content[h]
             host.drop_cached(h)
             self.cache(b, hsh, content)
@@ -358,7 +374,7 @@ class PoolEdit:
     def lookup_host(self, hashes: Iterable[bytes]) -> list[int]:
         """Host blocks of the longest prefix of ``hashes`` cached in the host tier."""
         hp = self.pool.host
-        if hp is None or (self._host is None and not hp.hash_of):
+        if hp is None or (self._host is None and not _has_cached(hp)):
             return []
         return self.host.lookup(hashes)
 
@@ -381,20 +397,20 @@ class PoolEdit:
         return BlockPool(
             num_blocks=self.pool.num_blocks,
             block_size=self.pool.block_size,
-            ref=self.ref.finish(),
             free_stack=self.stack,
             num_stack=self.num_stack,
             fresh=self.fresh,
             lru_head=self.head,
             lru_tail=self.tail,
-            lru_next=self.nxt.finish(),
-            lru_prev=self.prv.finish(),
             num_lru=self.num_lru,
-            hash_of=self.hash_of.finish(),
-            by_hash=self.by_hash.finish(),
-            content=self.content.finish(),
             host=host,
+            maps=self.version,
         )
+
+
+def _has_cached(pool: BlockPool) -> bool:
+    """Whether ``pool`` caches any block (O(1))."""
+    return pool.num_blocks > 0 and bool(pool.maps.maps()[HASH_OF])
 
 
 # -- pure wrappers ------------------------------------------------------------------

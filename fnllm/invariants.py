@@ -332,6 +332,11 @@ def check_plan_reads(before: EngineState, after: EngineState, plan: BatchPlan, c
     brought = {d for _, d in plan.swap_in} | {d for _, d in plan.copies}
     swapped_in = {d: h for h, d in plan.swap_in}
     host_of = {s.seq_id: s.swapped for s in before.waiting if s.swapped}
+    # the two pools' reads, one version at a time (each read of the other reroots the store)
+    blocks = {b for t in plan.block_tables for b in t if b != HOLE}
+    ref, cached = after.pool.ref, before.pool.hash_of
+    held = {b for b in blocks if ref.get(b, 0) >= 1}
+    was_cached = {b for b in blocks if b in cached}
     for r, sid in enumerate(plan.seq_ids):
         table, pos = plan.block_tables[r], plan.positions[r]
         old = was.get(sid, ())
@@ -340,12 +345,12 @@ def check_plan_reads(before: EngineState, after: EngineState, plan: BatchPlan, c
             b = table[j]
             if b == HOLE:
                 _fail(20, f"seq {sid} is handed a hole at block {j}, inside the window of position {pos}")
-            if not 0 <= b < after.pool.num_blocks or after.pool.ref.get(b, 0) < 1:
+            if not 0 <= b < after.pool.num_blocks or b not in held:
                 _fail(19, f"seq {sid} reads block {b}, which is not a held device block")
             if j * bs >= pos:
                 continue  # written before it is read
             ok = (j < len(old) and old[j] == b) or b in brought or (
-                b in before.pool.hash_of and sid not in host_of
+                b in was_cached and sid not in host_of
             )
             if not ok:
                 _fail(19, f"seq {sid} reads block {j} (id {b}) of its table, whose content is not on the device")

@@ -2,7 +2,9 @@
 
 Every class is an ``attrs`` frozen class; updates make new values. Large maps
 are ``immutables.Map`` (a persistent HAMT: an update costs O(log32 n) and
-shares the rest), so a step never copies pool-sized structures. Running
+shares the rest), so a step never copies pool-sized structures; the block
+pool's per-block maps are versions of a rerooted store (:mod:`fnllm.pmaps`),
+O(1) per update whatever the pool's size. Running
 sequences are held column-wise (:class:`Running`), because a decode step
 touches every running sequence and one tuple per column is far cheaper than
 one record per sequence.
@@ -23,6 +25,8 @@ from typing import Any, Optional, Protocol
 
 import attrs
 from immutables import Map
+
+from fnllm.pmaps import Version, View, new_store
 
 EMPTY_MAP: Map = Map()
 
@@ -334,7 +338,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     # derived (not an argument): sampling reads the sequence's tokens (penalties, bad words)
-    needs_history: bool = attrs.field(init=False, default=False, eq=False, repr=False)
+    needs_history: bool = attrs.field(init=False, default=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -492,6 +496,9 @@ def running_from(cols: dict, live: list, old: Running) -> Running:
 
 # -- the block pool ----------------------------------------------------------------
 
+POOL_MAPS = ("ref", "lru_next", "lru_prev", "hash_of", "by_hash", "content")
+REF, LRU_NEXT, LRU_PREV, HASH_OF, BY_HASH, CONTENT = range(len(POOL_MAPS))
+
 
 @attrs.frozen(kw_only=True)
 class BlockPool:
@@ -510,20 +517,25 @@ class BlockPool:
 
     num_blocks: int
     block_size: int
-    ref: Map = EMPTY_MAP  # block -> reference count (> 0)
     free_stack: Cons = None  # uncached free blocks
     num_stack: int = 0
     fresh: int = 0  # blocks >= fresh have never been allocated
     lru_head: int = -1
     lru_tail: int = -1
-    lru_next: Map = EMPTY_MAP
-    lru_prev: Map = EMPTY_MAP
     num_lru: int = 0
-    hash_of: Map = EMPTY_MAP  # cached block -> its chained hash
-    by_hash: Map = EMPTY_MAP  # chained hash -> cached block
-    # content of each cached block (parent hash, tokens, extra), for invariant 5
-    content: Map = EMPTY_MAP
     host: Optional["BlockPool"] = None
+    # the per-block maps, one persistent version (fnllm/pmaps.py): O(1) reads
+    # and updates whatever the pool's size; read through the properties below
+    maps: Version = attrs.field(factory=lambda: new_store(len(POOL_MAPS)), repr=False)
+
+    ref = property(lambda self: View(self.maps, REF), doc="block -> reference count (> 0)")
+    lru_next = property(lambda self: View(self.maps, LRU_NEXT), doc="cached free block -> the next in LRU order")
+    lru_prev = property(lambda self: View(self.maps, LRU_PREV), doc="cached free block -> the previous in LRU order")
+    hash_of = property(lambda self: View(self.maps, HASH_OF), doc="cached block -> its chained hash")
+    by_hash = property(lambda self: View(self.maps, BY_HASH), doc="chained hash -> cached block")
+    content = property(
+        lambda self: View(self.maps, CONTENT), doc="cached block -> (parent hash, tokens, extra), for invariant 5"
+    )
 
     @property
     def num_free(self) -> int:
