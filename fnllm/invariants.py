@@ -37,7 +37,7 @@ from typing import Iterable
 
 from fnllm.blocks import NO_BLOCK, first_window_block, free_blocks, hash_block
 from fnllm.config import EngineConfig
-from fnllm.derived import Traits, decode_ready, length_margin, traits
+from fnllm.derived import Traits, decode_ready, known_crossing, length_margin, traits
 from fnllm.state import COLUMNS, HOLE, BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
 
 
@@ -266,6 +266,9 @@ def check_plan(before: EngineState, after: EngineState, plan: BatchPlan, config:
         want = seq_tokens(req.prompt_token_ids, after.running.outputs[i], after.running.num_output[i], pos, pos + own)
         if tuple(toks[:own]) != want or pos + own > total:
             _fail(12, f"seq {sid}'s planned tokens are not its tokens {pos}..{pos + own}")
+    known = known_crossing(plan, bs)
+    if known is not None and known != [r for r, (p, t) in enumerate(zip(plan.positions, plan.token_ids)) if (p + len(t)) // bs != p // bs]:
+        _fail(9, f"the rows noted as completing a block ({known[:10]}) are not the plan's")
     in_tables = {b for t in plan.block_tables for b in t}
     for _, dst in plan.copies:
         if dst not in in_tables:

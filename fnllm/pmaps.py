@@ -4,7 +4,8 @@ Filliâtre's persistent arrays): O(1) reads and writes whatever the size.
 A *store* is a fixed tuple of plain dicts shared by all of its versions. One
 version, the root, is what the dicts hold now. Every other version holds a
 log that turns its neighbour towards the root into it (``_newer``, ``_log``:
-``(map index, key, old value or MISSING)`` entries, applied last first).
+a flat list of ``map index, key, old value or MISSING`` triples, applied
+last first; flat, so a write leaves no new object for the cyclic GC).
 Reading a version that is not the root first *reroots* the store to it:
 applies the logs along the path and reverses the edges, O(changes between
 the two versions). An engine reads its newest state, which is the root, so
@@ -96,9 +97,10 @@ def _reroot(v: Version) -> None:
     maps = v._store.maps
     for u in reversed(path):  # u._newer is the root now
         root, log, redo = u._newer, u._log, []
-        for i, k, old in reversed(log):
+        for j in range(len(log) - 3, -1, -3):
+            i, k, old = log[j], log[j + 1], log[j + 2]
             m = maps[i]
-            redo.append((i, k, m.get(k, MISSING)))
+            redo.extend((i, k, m.get(k, MISSING)))
             if old is MISSING:
                 del m[k]
             else:
@@ -132,11 +134,11 @@ class Edit:
 
     def put(self, i: int, k, value) -> None:
         m = self.maps[i]
-        self.log.append((i, k, m.get(k, MISSING)))
+        self.log.extend((i, k, m.get(k, MISSING)))
         m[k] = value
 
     def drop(self, i: int, k) -> None:
-        self.log.append((i, k, self.maps[i].pop(k)))
+        self.log.extend((i, k, self.maps[i].pop(k)))
 
 
 class View(Mapping):

@@ -261,36 +261,64 @@ def _commit_decode(
 ) -> tuple[EngineState, Outputs] | None:
     """``commit`` for the common step, column-wise: every running row was
     scheduled in order (decode rows, last prefill chunks) and sampled one
-    token, and none ends (None otherwise:
-    the general path decides). Agrees with the general path exactly."""
+    token, none stops on a token, and rows end only on ``max_tokens``
+    (:func:`_end_by_length`); None otherwise: the general path decides.
+    Agrees with the general path exactly."""
     run = state.running
     margin = length_margin(run.sampling, run.num_output)
-    if margin <= 1:
-        return None
     toks = tuple(map(_head, output.sampled))
     tr = traits(run.sampling)
     if not tr.stop_ids.union(config.model.eos_token_ids).isdisjoint(toks):
         return None  # a stop or EOS token (even if min_tokens or ignore_eos keeps it going): rare, general path
     pool, hashes = state.pool, run.hashes
+    edit = None
     if config.cache.enable_prefix_caching:
         crossing = _crossing(plan, config.cache.block_size)
         if crossing:
             edit = PoolEdit(pool)
             hashes = _register_rows(edit, state, plan, crossing, config.cache.block_size)
-            pool = edit.finish()
     nouts = tuple(map(add, run.num_output, repeat(1)))
-    running = _replace_running(
-        run, outputs=tuple(zip(toks, run.outputs)), num_output=nouts,
-        num_tokens=tuple(map(add, run.num_tokens, repeat(1))), hashes=hashes,
-    )
+    outputs, ntoks = tuple(zip(toks, run.outputs)), tuple(map(add, run.num_tokens, repeat(1)))
+    n, lps = len(run), output.logprobs
+    lps = None if lps is None else tuple([x[0] if x else None for x in lps])  # () : no logprobs asked
+    if margin <= 1:
+        return _end_by_length(state, edit or PoolEdit(pool), toks, lps, outputs=outputs, num_output=nouts,
+                              num_tokens=ntoks, hashes=hashes)
+    running = _replace_running(run, outputs=outputs, num_output=nouts, num_tokens=ntoks, hashes=hashes)
     note_length_margin(run.sampling, nouts, margin - 1)
     note_decode_ready(running)  # every row was computed to its end and now has one new token
-    n, lps = len(run), output.logprobs
-    outputs = Outputs(
-        run.request_ids, run.indexes, run.seq_ids, toks, filled(None, n), filled(None, n),
-        None if lps is None else tuple([x[0] if x else None for x in lps]), (),  # () : no logprobs asked
-    )
-    return _replace_state(state, pool=pool, running=running), outputs
+    news = Outputs(run.request_ids, run.indexes, run.seq_ids, toks, filled(None, n), filled(None, n), lps, ())
+    return _replace_state(state, pool=pool if edit is None else edit.finish(), running=running), news
+
+
+def _end_by_length(state: EngineState, edit: PoolEdit, toks: tuple, lps, **changed) -> tuple[EngineState, Outputs]:
+    """The end of :func:`_commit_decode` when rows reach ``max_tokens``
+    (``changed``: the columns with the step's token appended): those rows
+    end with reason "length" (before any stop check, as in the general
+    path), in row order; their blocks are freed, last block first."""
+    run = state.running
+    ending = list(compress(range(len(run)), map(ge, changed["num_output"], traits(run.sampling).max_tokens)))
+    alive, requests, finished = state.alive.mutate(), state.requests.mutate(), []
+    whys = [None] * len(run)
+    for i in ending:
+        whys[i] = "length"
+        edit.free_table(run.tables[i])
+        rid = run.request_ids[i]
+        left = alive[rid] - 1
+        if left:
+            alive[rid] = left
+        else:
+            del alive[rid], requests[rid]
+            finished.append(rid)
+    live = [True] * len(run)
+    for i in ending:
+        live[i] = False
+    cols = [changed[k] if k in changed else getattr(run, k) for k in COLUMNS]
+    running = Running(*(tuple(compress(col, live)) for col in cols))
+    note_decode_ready(running)  # the rows left were computed to their end and have one new token
+    news = Outputs(run.request_ids, run.indexes, run.seq_ids, toks, tuple(whys), filled(None, len(run)), lps, tuple(finished))
+    state = _replace_state(state, pool=edit.finish(), running=running, alive=alive.finish(), requests=requests.finish())
+    return state, news
 
 
 def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: list[int], bs: int) -> tuple:

@@ -36,4 +36,6 @@ class SimExecutor:
         counts = plan.num_samples
         if plan.num_draft_tokens:  # speculative rows: one token per position (every draft rejected)
             counts = tuple(n + d for n, d in zip(counts, plan.num_draft_tokens))
+        if counts.count(1) == len(counts):  # the common step: one token per row
+            return StepOutput(sampled=(rows[1],) * len(counts))
         return StepOutput(sampled=tuple(rows[n] if n in rows else (self.token,) * n for n in counts))

@@ -92,9 +92,10 @@ class _EngineShell:
         plan = self.engine.last_plan
         now = now_after(plan)
         first = res.first_token
-        for rid in self.engine.last_news.request_ids:
-            if rid not in first:
-                first[rid] = now
+        if 0 in plan.output_pos:  # only a row with no output before this step can see its first token
+            for rid in self.engine.last_news.request_ids:
+                if rid not in first:
+                    first[rid] = now
         for out in outs:  # requests run FINAL_ONLY: an output is a finished request
             rid = out.request_id
             if out.finished:

@@ -99,6 +99,29 @@ def test_decode_fast_path_agrees_with_general_path(config, work, steps):
 
 
 @given(
+    config=engine_configs(window=False),
+    work=st.lists(st.tuples(prompts(), sampling_params(), st.integers(0, 8)), min_size=2, max_size=6),
+)
+def test_decode_fast_path_agrees_with_general_path_under_arrivals(config, work):
+    """Requests arriving while others decode: wherever ``_all_decode`` takes
+    the step, it plans as ``schedule_general`` (and ``check_plan`` verifies
+    the block-completing rows it notes for commit)."""
+    from fnllm.schedule import _all_decode, schedule_general
+
+    run = Run(config)
+    for step in range(12):
+        for i, (p, sp, at) in enumerate(work):
+            if at == step:
+                run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
+        fast = _all_decode(run.state, config)
+        if fast is not None:
+            slow = schedule_general(run.state, config)
+            assert fast[1] == slow[1]
+            assert snapshot(fast[0]) == snapshot(slow[0])
+        run.step()
+
+
+@given(
     config=engine_configs(),
     work=st.lists(st.tuples(prompts(), sampling_params()), min_size=1, max_size=5),
     steps=st.integers(1, 12),
