@@ -338,7 +338,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     # derived (not an argument): sampling reads the sequence's tokens (penalties, bad words)
-    needs_history: bool = attrs.field(init=False, default=False, eq=False)
+    needs_history: bool = attrs.field(init=False, default=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -526,7 +526,7 @@ class BlockPool:
     host: Optional["BlockPool"] = None
     # the per-block maps, one persistent version (fnllm/pmaps.py): O(1) reads
     # and updates whatever the pool's size; read through the properties below
-    maps: Version = attrs.field(factory=lambda: new_store(len(POOL_MAPS)), repr=False)
+    maps: Version = attrs.field(factory=lambda: new_store(len(POOL_MAPS)))
 
     ref = property(lambda self: View(self.maps, REF), doc="block -> reference count (> 0)")
     lru_next = property(lambda self: View(self.maps, LRU_NEXT), doc="cached free block -> the next in LRU order")

@@ -86,16 +86,21 @@ def test_core_sources_import_no_clock_randomness_or_device():
     steps=st.integers(1, 12),
 )
 def test_decode_fast_path_agrees_with_general_path(config, work, steps):
-    from fnllm.schedule import _all_decode, schedule_general
-
     run = _started(config, work)
     for _ in range(steps):
-        fast = _all_decode(run.state, config)
-        if fast is not None:
-            slow = schedule_general(run.state, config)
-            assert fast[1] == slow[1]
-            assert snapshot(fast[0]) == snapshot(slow[0])
+        _check_decode_fast_path(run.state, config)
         run.step()
+
+
+def _check_decode_fast_path(state, config) -> None:
+    """Where ``_all_decode`` takes the step, ``schedule_general`` plans the same."""
+    from fnllm.schedule import _all_decode, schedule_general
+
+    fast = _all_decode(state, config)
+    if fast is not None:
+        slow = schedule_general(state, config)
+        assert fast[1] == slow[1]
+        assert snapshot(fast[0]) == snapshot(slow[0])
 
 
 @given(
@@ -106,18 +111,12 @@ def test_decode_fast_path_agrees_with_general_path_under_arrivals(config, work):
     """Requests arriving while others decode: wherever ``_all_decode`` takes
     the step, it plans as ``schedule_general`` (and ``check_plan`` verifies
     the block-completing rows it notes for commit)."""
-    from fnllm.schedule import _all_decode, schedule_general
-
     run = Run(config)
     for step in range(12):
         for i, (p, sp, at) in enumerate(work):
             if at == step:
                 run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
-        fast = _all_decode(run.state, config)
-        if fast is not None:
-            slow = schedule_general(run.state, config)
-            assert fast[1] == slow[1]
-            assert snapshot(fast[0]) == snapshot(slow[0])
+        _check_decode_fast_path(run.state, config)
         run.step()
 
 
