@@ -405,6 +405,12 @@ def punch_all(edit: PoolEdit, ncs: list[int], tables: list[tuple[int, ...]], win
             tables[i] = edit.punch(tables[i], nc, window)
 
 
+def decode_crossing(rem: list[int], bs: int) -> list[int]:
+    """The decode rows (one token each; ``rem``: their positions modulo
+    ``bs``) whose token completes a block."""
+    return [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else []
+
+
 def host_cache_on(config: EngineConfig) -> bool:
     """Evicted cached device blocks go to the host tier (the host prefix cache)."""
     return config.cache.enable_prefix_caching and config.cache.num_host_blocks > 0
@@ -467,5 +473,5 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         if tr.history else (),
     )
     # the rows whose token completes a block (commit names those blocks)
-    note_crossing(plan, bs, [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else [])
+    note_crossing(plan, bs, decode_crossing(rem, bs))
     return _replace_state(state, pool=pool, running=running, step=state.step + 1), plan

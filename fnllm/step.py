@@ -21,7 +21,7 @@ from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
 from fnllm.derived import filled, known_crossing, length_margin, note_decode_ready, note_length_margin, traits
 from fnllm.replace import replacer
-from fnllm.schedule import schedule
+from fnllm.schedule import decode_crossing, schedule
 from fnllm.spec import expected_samples, num_accepted
 from fnllm.state import (
     COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, running_from,
@@ -218,16 +218,8 @@ class _Commit:
         c["num_computed"][i] = kv_end
 
     def _end(self, i: int) -> None:
-        rid = self.cols["request_ids"][i]
-        self.edit.free_table(self.cols["tables"][i])
         self.live[i] = False
-        left = self.alive[rid] - 1
-        if left:
-            self.alive[rid] = left
-        else:
-            del self.alive[rid]
-            del self.requests[rid]
-            self.finished.append(rid)
+        _end_sequence(self.edit, self.alive, self.requests, self.finished, self.cols["request_ids"][i], self.cols["tables"][i])
 
     def finish(self, with_logprobs: bool) -> tuple[EngineState, Outputs]:
         c, live = self.cols, self.live
@@ -299,26 +291,28 @@ def _end_by_length(state: EngineState, edit: PoolEdit, toks: tuple, lps, **chang
     run = state.running
     ending = list(compress(range(len(run)), map(ge, changed["num_output"], traits(run.sampling).max_tokens)))
     alive, requests, finished = state.alive.mutate(), state.requests.mutate(), []
-    whys = [None] * len(run)
+    whys, live = [None] * len(run), [True] * len(run)
     for i in ending:
-        whys[i] = "length"
-        edit.free_table(run.tables[i])
-        rid = run.request_ids[i]
-        left = alive[rid] - 1
-        if left:
-            alive[rid] = left
-        else:
-            del alive[rid], requests[rid]
-            finished.append(rid)
-    live = [True] * len(run)
-    for i in ending:
-        live[i] = False
-    cols = [changed[k] if k in changed else getattr(run, k) for k in COLUMNS]
-    running = Running(*(tuple(compress(col, live)) for col in cols))
+        whys[i], live[i] = "length", False
+        _end_sequence(edit, alive, requests, finished, run.request_ids[i], run.tables[i])
+    running = running_from({k: changed[k] if k in changed else getattr(run, k) for k in COLUMNS}, live, run)
     note_decode_ready(running)  # the rows left were computed to their end and have one new token
     news = Outputs(run.request_ids, run.indexes, run.seq_ids, toks, tuple(whys), filled(None, len(run)), lps, tuple(finished))
     state = _replace_state(state, pool=edit.finish(), running=running, alive=alive.finish(), requests=requests.finish())
     return state, news
+
+
+def _end_sequence(edit: PoolEdit, alive, requests, finished: list[str], rid: str, table: tuple[int, ...]) -> None:
+    """A sequence ended: its blocks are freed (last first); its request leaves
+    ``alive`` and ``requests`` (mutations), and joins ``finished``, when it was
+    the request's last sequence."""
+    edit.free_table(table)
+    left = alive[rid] - 1
+    if left:
+        alive[rid] = left
+    else:
+        del alive[rid], requests[rid]
+        finished.append(rid)
 
 
 def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: list[int], bs: int) -> tuple:
@@ -339,8 +333,7 @@ def _crossing(plan: BatchPlan, bs: int) -> list[int]:
         return known
     lens = list(map(len, plan.token_ids))
     if lens.count(1) == len(lens):  # all decode rows: those whose position ends a block
-        rem = list(map(mod, plan.positions, repeat(bs)))
-        return [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else []
+        return decode_crossing(list(map(mod, plan.positions, repeat(bs))), bs)
     return [r for r, (p, k) in enumerate(zip(plan.positions, lens)) if (p + k) // bs != p // bs]
 
 
