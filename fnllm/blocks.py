@@ -56,7 +56,7 @@ import hashlib
 import struct
 from typing import Iterable, Sequence
 
-from fnllm.pmaps import Edit
+from fnllm.pmaps import MISSING, Edit
 from fnllm.state import BY_HASH, CONTENT, HASH_OF, HOLE, LRU_NEXT, LRU_PREV, REF, BlockPool, Cons, InvariantError
 
 NO_BLOCK = -1
@@ -140,9 +140,12 @@ class PoolEdit(Edit):
 
     # -- LRU list of cached free blocks ----------------------------------------
     def _lru_append(self, b: int) -> None:
-        if self.tail != NO_BLOCK:
-            self.put(LRU_NEXT, self.tail, b)
-            self.put(LRU_PREV, b, self.tail)
+        t = self.tail
+        if t != NO_BLOCK:  # two puts, written out (hot)
+            nxt, prv = self.nxt, self.prv
+            self.log.extend((LRU_NEXT, t, nxt.get(t, MISSING), LRU_PREV, b, prv.get(b, MISSING)))
+            nxt[t] = b
+            prv[b] = t
         else:
             self.head = b
         self.tail = b
@@ -171,10 +174,10 @@ class PoolEdit(Edit):
 
     def _forget(self, b: int) -> None:
         h = self.hash_of.get(b)
-        if h is not None:
-            self.drop(HASH_OF, b)
-            self.drop(BY_HASH, h)
-            self.drop(CONTENT, b)
+        if h is not None:  # three drops, written out (hot); a KeyError changes nothing
+            by_hash, content = self.by_hash, self.content
+            self.log.extend((HASH_OF, b, h, BY_HASH, h, by_hash[h], CONTENT, b, content[b]))
+            del self.hash_of[b], by_hash[h], content[b]
 
     # -- allocation ---------------------------------------------------------------
     def take(self) -> int:
@@ -193,7 +196,9 @@ class PoolEdit(Edit):
             if self.offload:
                 self._offload(b)
             self._forget(b)
-        self.put(REF, b, 1)
+        ref = self.ref
+        self.log.extend((REF, b, ref.get(b, MISSING)))  # put, written out (hot)
+        ref[b] = 1
         return b
 
     def allocate(self, n: int) -> list[int] | None:
@@ -285,9 +290,11 @@ class PoolEdit(Edit):
             hb = host.by_hash.get(h)
             if hb is not None:
                 host.drop_cached(hb)
-        self.put(HASH_OF, b, h)
-        self.put(BY_HASH, h, b)
-        self.put(CONTENT, b, content)
+        # three puts, written out (hot); neither b nor h was named
+        self.log.extend((HASH_OF, b, MISSING, BY_HASH, h, MISSING, CONTENT, b, self.content.get(b, MISSING)))
+        self.hash_of[b] = h
+        self.by_hash[h] = b
+        self.content[b] = content
         return True
 
     def writable(self, table: list[int], j: int, copies: list[tuple[int, int]]) -> bool:

@@ -37,7 +37,7 @@ is planned inline without allocation unless it crosses a block boundary.
 
 from __future__ import annotations
 
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import add, attrgetter, itemgetter, mod, not_, sub
 
 from fnllm.blocks import PoolEdit, first_window_block
@@ -52,7 +52,8 @@ from fnllm.state import (
 )
 
 
-_head = itemgetter(0)
+_head, _second, _third, _fourth = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+_PROMPT_LOGPROBS = attrgetter("prompt_logprobs")
 _replace_state = replacer(EngineState)
 _replace_running = replacer(Running)
 
@@ -299,7 +300,7 @@ class _Step:
         state, c, live = self.state, self.cols, self.live
         running = running_from(c, live, state.running)
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
-        plan = self._build_plan()
+        plan = self._build_plan(running)
         new_state = _replace_state(
             state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1,
             num_preemptions=state.num_preemptions + len(self.preempted),
@@ -308,50 +309,56 @@ class _Step:
         )
         return new_state, plan
 
-    def _build_plan(self) -> BatchPlan:
+    def _build_plan(self, running: Running) -> BatchPlan:
+        """The plan of the rows planned this step, in row order. When every
+        row left running was planned (the usual step), the plan's row
+        columns are ``running``'s tuples themselves."""
         c, rows = self.cols, self.rows
         order = list(rows)
         plan_rows = list(rows.values())
         reason = ""
         if not plan_rows:
             reason = self.idle_reason or ("no requests" if not self.state.requests else "nothing schedulable")
-        sampling = tuple([c["sampling"][i] for i in order])
-        outputs = [c["outputs"][i] for i in order]
-        num_output = tuple([c["num_output"][i] for i in order])
-        request_ids = tuple([c["request_ids"][i] for i in order])
-        num_samples = tuple([r[2] for r in plan_rows])
+        if len(order) == len(running):  # planned rows are live rows in increasing order: all of them
+            seq_ids, request_ids, tables, indexes = running.seq_ids, running.request_ids, running.tables, running.indexes
+            sampling, outputs, num_output = running.sampling, running.outputs, running.num_output
+        else:
+            seq_ids, request_ids, tables, indexes, sampling, outputs, num_output = (
+                tuple(map(c[k].__getitem__, order))
+                for k in ("seq_ids", "request_ids", "tables", "indexes", "sampling", "outputs", "num_output")
+            )
+        num_samples = tuple(map(_third, plan_rows))
         return BatchPlan(
             step=self.state.step,
-            seq_ids=tuple([c["seq_ids"][i] for i in order]),
+            seq_ids=seq_ids,
             request_ids=request_ids,
-            token_ids=tuple([r[0] for r in plan_rows]),
-            positions=tuple([r[1] for r in plan_rows]),
-            block_tables=tuple([c["tables"][i] for i in order]),
+            token_ids=tuple(map(_head, plan_rows)),
+            positions=tuple(map(_second, plan_rows)),
+            block_tables=tables,
             num_samples=num_samples,
-            sample_index=tuple([c["indexes"][i] for i in order]),
+            sample_index=indexes,
             output_pos=num_output,
             sampling=sampling,
-            copies=tuple([cp for r in plan_rows for cp in r[3]]),
+            copies=tuple(chain.from_iterable(map(_fourth, plan_rows))),
             swap_out=tuple(self.edit.swaps_out),
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
             num_draft_tokens=tuple([self.drafts.get(i, 0) for i in order]) if self.drafts else (),
             guided_outputs=guided_outputs(sampling, outputs, num_output),
             history=_history(self.requests, sampling, num_samples, outputs, num_output, request_ids),
-            prompt_targets=self._prompt_targets(order, plan_rows),
+            prompt_targets=self._prompt_targets(sampling, num_output, request_ids, plan_rows),
         )
 
-    def _prompt_targets(self, order: list[int], plan_rows: list[tuple]) -> tuple[tuple[int, ...], ...]:
+    def _prompt_targets(self, sampling: tuple, num_output: tuple, request_ids: tuple, plan_rows: list[tuple]) -> tuple:
         """Per row, the prompt tokens whose logprobs its chunk predicts (requests
         with ``prompt_logprobs``, before their first output); () when none."""
-        c = self.cols
-        want = [i for i in order if c["sampling"][i].prompt_logprobs is not None and not c["num_output"][i]]
-        if not want:
+        wanted = list(map(_PROMPT_LOGPROBS, sampling))
+        if wanted.count(None) == len(wanted) or not any(w is not None and not k for w, k in zip(wanted, num_output)):
             return ()
         out = []
-        for i, (toks, pos, _, _) in zip(order, plan_rows):
-            prompt = self.requests[c["request_ids"][i]].prompt_token_ids
-            if c["sampling"][i].prompt_logprobs is None or c["num_output"][i] or pos + 1 >= len(prompt):
+        for want, nout, rid, (toks, pos, _, _) in zip(wanted, num_output, request_ids, plan_rows):
+            prompt = self.requests[rid].prompt_token_ids
+            if want is None or nout or pos + 1 >= len(prompt):
                 out.append(())
             else:
                 out.append(prompt[pos + 1 : min(pos + len(toks) + 1, len(prompt))])
