@@ -170,8 +170,12 @@ def prompt_ids(item: WorkItem, index: int, vocab_size: int, avoid: frozenset = f
     lo = 3 if vocab_size > 16 else 0
     span = vocab_size - lo
     a, b = index % span, 1 + (index // span) % max(1, span - 1)
-    out = list(map(add, repeat(lo), map(mod, range(a, a + b * item.prompt_len, b), repeat(span))))  # lo + (a + j b) % span
-    if avoid and not avoid.isdisjoint(out):
+    n = item.prompt_len
+    if a + b * (n - 1) < span:  # no wrap-around: a plain range
+        out = range(lo + a, lo + a + b * n, b)
+    else:
+        out = list(map(add, repeat(lo), map(mod, range(a, a + b * n, b), repeat(span))))  # lo + (a + j b) % span
+    if avoid and any(map(out.__contains__, avoid)):  # O(1) per id on a range
         out = [t if t not in avoid else lo + (t - lo + 1) % span for t in out]
     return tuple(out)
 
