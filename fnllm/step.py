@@ -333,17 +333,19 @@ def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: li
     run, requests = state.running, state.requests
     hashes = list(run.hashes)
     positions, token_ids, outputs, tables, rids = plan.positions, plan.token_ids, run.outputs, run.tables, run.request_ids
+    num_output = run.num_output
     for r in rows:
         p, req, known = positions[r], requests[rids[r]], hashes[r]
-        j = p // bs
-        if len(token_ids[r]) == 1 and len(known) == j and j * bs >= len(req.prompt_token_ids):
+        j, plen = p // bs, len(req.prompt_token_ids)
+        # one token, the sequence's last, completing a block of output tokens next in the chain
+        if len(token_ids[r]) == 1 and len(known) == j and plen <= j * bs and p + 1 == plen + num_output[r] == j * bs + bs:
             parent, extra = known[-1] if j else None, req.extra_keys
             span = cons_tuple(outputs[r], bs)
             h = hash_block(parent, span, extra)
             edit.cache(tables[r][j], h, (parent, span, extra))
             hashes[r] = known + (h,)
         else:
-            hashes[r] = register_blocks(edit, req, tables[r], known, outputs[r], run.num_output[r], p,
+            hashes[r] = register_blocks(edit, req, tables[r], known, outputs[r], num_output[r], p,
                                         p + len(token_ids[r]), bs)
     return tuple(hashes)
 
