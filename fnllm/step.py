@@ -24,8 +24,8 @@ from fnllm.replace import replacer
 from fnllm.schedule import decode_crossing, schedule
 from fnllm.spec import expected_samples, num_accepted
 from fnllm.state import (
-    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, cons_tuple,
-    running_from, seq_tokens,
+    COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, running_from,
+    seq_tokens,
 )
 
 
@@ -326,27 +326,13 @@ def _end_sequence(edit: PoolEdit, alive, requests, finished: list[str], rid: str
 
 
 def _register_rows(edit: PoolEdit, state: EngineState, plan: BatchPlan, rows: list[int], bs: int) -> tuple:
-    """:func:`register_blocks` for plan rows ``rows`` (= running rows): the
-    hashes column, extended. A decode row that completes a block of output
-    tokens next in its chain (the usual case) is named inline: the block is
-    the row's last ``bs`` tokens."""
+    """:func:`register_blocks` for plan rows ``rows`` (= running rows): the hashes column, extended."""
     run, requests = state.running, state.requests
     hashes = list(run.hashes)
-    positions, token_ids, outputs, tables, rids = plan.positions, plan.token_ids, run.outputs, run.tables, run.request_ids
-    num_output = run.num_output
     for r in rows:
-        p, req, known = positions[r], requests[rids[r]], hashes[r]
-        j, plen = p // bs, len(req.prompt_token_ids)
-        # one token, the sequence's last, completing a block of output tokens next in the chain
-        if len(token_ids[r]) == 1 and len(known) == j and plen <= j * bs and p + 1 == plen + num_output[r] == j * bs + bs:
-            parent, extra = known[-1] if j else None, req.extra_keys
-            span = cons_tuple(outputs[r], bs)
-            h = hash_block(parent, span, extra)
-            edit.cache(tables[r][j], h, (parent, span, extra))
-            hashes[r] = known + (h,)
-        else:
-            hashes[r] = register_blocks(edit, req, tables[r], known, outputs[r], num_output[r], p,
-                                        p + len(token_ids[r]), bs)
+        p = plan.positions[r]
+        hashes[r] = register_blocks(edit, requests[run.request_ids[r]], run.tables[r], hashes[r], run.outputs[r],
+                                    run.num_output[r], p, p + len(plan.token_ids[r]), bs)
     return tuple(hashes)
 
 
