@@ -1,8 +1,8 @@
 """The torch backend on CPU with fused kernels (:mod:`fnllm.device.cpu_kernels`).
 
 Same functions as :class:`~fnllm.device.cpu.TorchBackend`, fewer passes:
-``add_rms_norm``, ``silu_mul`` and the rotary are one kernel call each
-instead of 3-8 ATen ops, and decode rows attend with a paged kernel that
+``add_rms_norm``, ``silu_mul``, the rotary and the K/V cache write are one
+kernel call each instead of 2-8 ATen ops, and decode rows attend with a paged kernel that
 reads each row's keys and values in place through its block table (one task
 per row and KV head, float32 softmax), so nothing is gathered into a buffer.
 With a sliding window the kernel reads each row's last ``window`` keys
@@ -154,6 +154,9 @@ class FusedCpuBackend(TorchBackend):
         qkv = qkv.contiguous()
         q, k = self.k.rope(qkv, meta.positions, self._cos_sin, h, kvh)
         return q, k, qkv[:, (h + kvh) * d :].view(-1, kvh, d)
+
+    def _write_kv(self, k, v, kv_cache, slots: torch.Tensor) -> None:
+        self.k.write_kv(k, v, kv_cache, slots)
 
     def _decode(self, q, kv_cache, m: PagedDecodeMeta):
         return self.k.paged_decode(q.contiguous(), kv_cache, m.block_tables, m.seq_lens, self.scale, self._window)

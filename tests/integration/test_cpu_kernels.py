@@ -60,7 +60,7 @@ def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, block)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 8), (4, 1)])
 def test_paged_decode_lone_row_split_by_heads(dtype, heads, kv_heads):
-    """Fewer rows than threads: a row's kv-head groups are split over the
+    """Fewer rows than threads: a row's query heads are split over the
     threads; each head's result is bit-identical to the row's in a batch."""
     g = torch.Generator().manual_seed(heads)
     lens = torch.tensor([37, 5, 64, 20], dtype=torch.int32)
@@ -90,6 +90,41 @@ def test_paged_decode_rejects_bad_input():
         K.paged_decode(torch.zeros(1, 4, 8), kv, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([9], dtype=torch.int32), 1.0)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
         K.paged_decode(torch.zeros(1, 3, 8), kv, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_matches_index_copy(dtype):
+    """Each token's k and v land at its slot, as the eager backend's index_copy_
+    puts them (v a strided view of the fused qkv, as the model passes it); no
+    other slot changes."""
+    g = torch.Generator().manual_seed(3)
+    kvh, d, t = 2, 8, 5
+    cache = torch.randn(2, 6, 4, kvh, d, generator=g).to(dtype)
+    qkv = torch.randn(t, (4 + 2 * kvh) * d, generator=g).to(dtype)
+    k, v = qkv[:, 4 * d : (4 + kvh) * d].contiguous().view(t, kvh, d), qkv[:, (4 + kvh) * d :].view(t, kvh, d)
+    slots = torch.tensor([0, 23, 7, 8, 12])
+    want = cache.clone()
+    want[0].view(-1, kvh, d).index_copy_(0, slots, k)
+    want[1].view(-1, kvh, d).index_copy_(0, slots, v)
+    K.write_kv(k, v, cache, slots)
+    assert torch.equal(cache, want)
+
+
+def test_write_kv_rejects_bad_input():
+    cache = torch.zeros(2, 3, 4, 2, 8)
+    k = torch.zeros(2, 2, 8)
+    before = cache.clone()
+    with pytest.raises(RuntimeError, match="slot 12 of token 1 is outside the cache of 12 slots"):
+        K.write_kv(k, k, cache, torch.tensor([0, 12]))
+    with pytest.raises(RuntimeError, match="slot -1 of token 0"):
+        K.write_kv(k, k, cache, torch.tensor([-1, 0]))
+    assert torch.equal(cache, before)  # a bad slot anywhere: nothing written
+    with pytest.raises(RuntimeError, match="must be \\[2, 2, 8\\]"):
+        K.write_kv(torch.zeros(2, 16), k, cache, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="heads must be contiguous"):
+        K.write_kv(torch.zeros(2, 8, 2).transpose(1, 2), k, cache, torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="int64"):
+        K.write_kv(k, k, cache, torch.tensor([0, 1], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

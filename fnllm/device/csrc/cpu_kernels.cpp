@@ -89,8 +89,45 @@ inline void block_scores(const T* q, const float* qf, const T* kblk, float* rows
   for (int64_t h = h0; h < H; ++h) dots(qf + h * D, rows + (h / G) * D, s + h * L + t0, n, D, tok);
 }
 
+#if defined(__AVX512BF16__)
+// acc[h] = sum_t p[h, t] v_t over the row's tokens start .. L-1 for query heads
+// h0 .. h1-1, all of one kv head (vbase: that head's values in block 0). The
+// sums stay in registers across all blocks, a few heads at a time, and each
+// value row is widened from bfloat16 once for them all. Per lane the terms are
+// added in token order, one fused multiply-add each.
+template <int64_t DC>
+inline void value_sums_bf16(const c10::BFloat16* vbase, const int32_t* table, int64_t start, int64_t L, int64_t BS,
+                            int64_t blk, int64_t tok, const float* s, int64_t Lw, int64_t h0, int64_t h1, float* acc) {
+  constexpr int64_t V = DC / 16, HC = V <= 4 ? 16 / V : 1;  // vectors per head; heads per pass (<= 16 accumulators)
+  for (int64_t hb = h0; hb < h1; hb += HC) {
+    const int64_t nh = std::min(HC, h1 - hb);
+    __m512 a[HC][V];
+    for (int64_t i = 0; i < HC; ++i)
+      for (int64_t c = 0; c < V; ++c) a[i][c] = _mm512_setzero_ps();
+    for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
+      const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
+      const uint16_t* vb = reinterpret_cast<const uint16_t*>(vbase + table[t0 / BS] * blk + j0 * tok);
+      const float* p = s + t0 + j0 - start;
+      for (int64_t j = 0; j < n; ++j) {
+        __m512 v[V];
+        for (int64_t c = 0; c < V; ++c)
+          v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + j * tok + 16 * c))), 16));
+        for (int64_t i = 0; i < HC; ++i) {
+          if (i >= nh) break;
+          const __m512 pj = _mm512_set1_ps(p[(hb + i) * Lw + j]);
+          for (int64_t c = 0; c < V; ++c) a[i][c] = _mm512_fmadd_ps(pj, v[c], a[i][c]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < nh; ++i)
+      for (int64_t c = 0; c < V; ++c) _mm512_storeu_ps(acc + (hb + i) * DC + 16 * c, a[i][c]);
+  }
+}
+#endif
+
 // One row of paged decode attention: its query heads h0 .. H-1 (G per kv head; a task
-// takes whole kv-head groups, and a head's arithmetic does not depend on the split) attend
+// may take any run of heads, and a head's arithmetic does not depend on the split) attend
 // over its cached tokens start .. L-1 (start > 0 under a sliding window: the
 // table's entries before block start / BS are never read, they may be holes),
 // read a block at a time: a block's K (then V) for all kv heads is one
@@ -111,11 +148,22 @@ void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t s
   }
   float inv[512];
   for (int64_t h = h0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * Lw, Lw);
-  std::fill(acc, acc + H * D, 0.f);
-  for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
-    const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
-    to_float(kv + v_off + table[t0 / BS] * blk + j0 * tok, rows, n * tok);
-    for (int64_t h = h0; h < H; ++h) axpys(s + h * Lw + t0 + j0 - start, rows + (h / G) * D, acc + h * D, n, D, tok);
+  bool summed = false;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && DC % 16 == 0 && DC > 0) {
+    for (int64_t g = h0 / G; g * G < H; ++g)  // each kv head's query heads (those of this task)
+      value_sums_bf16<DC>(kv + v_off + g * D, table, start, L, BS, blk, tok, s, Lw, std::max(h0, g * G),
+                          std::min(H, (g + 1) * G), acc);
+    summed = true;
+  }
+#endif
+  if (!summed) {
+    std::fill(acc, acc + H * D, 0.f);
+    for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
+      const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
+      to_float(kv + v_off + table[t0 / BS] * blk + j0 * tok, rows, n * tok);
+      for (int64_t h = h0; h < H; ++h) axpys(s + h * Lw + t0 + j0 - start, rows + (h / G) * D, acc + h * D, n, D, tok);
+    }
   }
   for (int64_t h = h0; h < H; ++h)
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = from_float<T>(acc[h * D + d] * inv[h]);
@@ -126,19 +174,19 @@ inline int64_t window_start(int64_t L, int64_t window) { return window > 0 ? std
 
 // Paged decode attention: one query token per row, keys/values read in place
 // through the row's block table (no gather). Tasks are rows, or with fewer rows
-// than threads (batch-1 decode) a row's kv-head groups, split evenly.
+// than threads (batch-1 decode) a row's query heads, split evenly.
 template <typename T>
 void paged_decode_impl(const T* q, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t MAXB,
                        float scale, int64_t window) {
   int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, lens[b]);
-  const int64_t G = H / KVH, parts = B < at::get_num_threads() ? std::min<int64_t>(KVH, at::get_num_threads()) : 1;
+  const int64_t G = H / KVH, parts = B < at::get_num_threads() ? std::min<int64_t>(H, at::get_num_threads()) : 1;
   at::parallel_for(0, B * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), rows(BS * KVH * D), s(H * longest);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / parts, part = task % parts;
-      const int64_t h0 = KVH * part / parts * G, h1 = KVH * (part + 1) / parts * G;
+      const int64_t h0 = H * part / parts, h1 = H * (part + 1) / parts;
       auto row = D == 64 ? decode_row<T, 64> : D == 128 ? decode_row<T, 128> : decode_row<T, 0>;
       row(q + b * H * D, kv, tables + b * MAXB, out + b * H * D, window_start(lens[b], window), lens[b], h0, h1, KVH, G,
           D, NB, BS, scale, qf.data(), acc.data(), rows.data(), s.data());
@@ -249,6 +297,37 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   return out;
 }
 
+// kv_cache[0] and kv_cache[1] at each token's slot (block * block_size + offset)
+// <- its k and v rows: a step's paged cache write, one copy per token and side.
+// k and v are [T, kv_heads, D] with each token's heads contiguous (their rows may
+// be strided: v is a view of the fused qkv). A slot outside the cache is an error.
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor kv_cache, torch::Tensor slots) {
+  check(kv_cache, "kv_cache"), check(slots, "slots");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.dim() == 1, "write_kv: slots must be 1-D int64");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2, "write_kv: kv_cache must be [2, blocks, block_size, "
+              "kv_heads, D]");
+  const int64_t T = slots.size(0), KVH = kv_cache.size(3), D = kv_cache.size(4), width = KVH * D;
+  const int64_t nslots = kv_cache.size(1) * kv_cache.size(2);
+  for (const torch::Tensor* t : {&k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == kv_cache.scalar_type(), "write_kv: k and v must be CPU "
+                "tensors of the cache's dtype");
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == KVH && t->size(2) == D, "write_kv: k and v must be [",
+                T, ", ", KVH, ", ", D, "], got ", t->sizes());
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == D, "write_kv: each token's k and v heads must be contiguous");
+  }
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < nslots, "write_kv: slot ", slot[i], " of token ", i, " is outside the cache of ",
+                nslots, " slots");
+  const int64_t bytes = width * kv_cache.element_size();
+  char* cache = static_cast<char*>(kv_cache.data_ptr());
+  const int64_t side = nslots * bytes;
+  const char* src[2] = {static_cast<const char*>(k.data_ptr()), static_cast<const char*>(v.data_ptr())};
+  const int64_t row[2] = {k.stride(0) * k.element_size(), v.stride(0) * v.element_size()};
+  for (int64_t i = 0; i < T; ++i)
+    for (int s = 0; s < 2; ++s) std::memcpy(cache + s * side + slot[i] * bytes, src[s] + i * row[s], bytes);
+}
+
 torch::Tensor add_rms_norm(c10::optional<torch::Tensor> x, torch::Tensor residual, torch::Tensor weight, double eps) {
   check(residual, "residual"), check(weight, "weight");
   if (x) check(*x, "x");
@@ -308,6 +387,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row; window > 0: its last "
         "`window` keys only)", pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"),
         pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("window") = 0);
+  m.def("write_kv", &write_kv, "k and v rows into the paged cache at their slots", pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("kv_cache"), pybind11::arg("slots"));
   m.def("add_rms_norm", &add_rms_norm, "residual += x; weight * rms_norm(residual)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("rope", &rope, "neox rotary on the q and k heads of fused qkv");
