@@ -2,9 +2,10 @@
 
 Same functions as :class:`~fnllm.device.cpu.TorchBackend`, fewer passes:
 ``add_rms_norm``, ``silu_mul``, the rotary and the K/V cache write are one
-kernel call each instead of 2-8 ATen ops, and decode rows attend with a paged kernel that
-reads each row's keys and values in place through its block table (one task
-per row and KV head, float32 softmax), so nothing is gathered into a buffer.
+kernel call each instead of 2-8 ATen ops, and decode rows attend with a paged
+kernel that reads each row's keys and values in place through its block table
+(one task per row, or per run of query heads when there are fewer rows than
+threads; float32 softmax), so nothing is gathered into a buffer.
 With a sliding window the kernel reads each row's last ``window`` keys
 only, from the block holding the first of them (holes before it are never
 indexed). Prompt chunks keep the eager path (SDPA), except short rows after a cached

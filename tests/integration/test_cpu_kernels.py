@@ -59,14 +59,15 @@ def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, block)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 8), (4, 1)])
-def test_paged_decode_lone_row_split_by_heads(dtype, heads, kv_heads):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_decode_lone_row_split_by_heads(dtype, heads, kv_heads, head_dim):
     """Fewer rows than threads: a row's query heads are split over the
     threads; each head's result is bit-identical to the row's in a batch."""
     g = torch.Generator().manual_seed(heads)
     lens = torch.tensor([37, 5, 64, 20], dtype=torch.int32)
-    kv = torch.randn(2, 40, 8, kv_heads, 64, generator=g).to(dtype)
+    kv = torch.randn(2, 40, 8, kv_heads, head_dim, generator=g).to(dtype)
     tables = torch.randperm(40, generator=g)[:32].view(4, 8).int()
-    q = torch.randn(4, heads, 64, generator=g).to(dtype)
+    q = torch.randn(4, heads, head_dim, generator=g).to(dtype)
     batch = K.paged_decode(q, kv, tables, lens, 0.125)
     threads = torch.get_num_threads()
     try:

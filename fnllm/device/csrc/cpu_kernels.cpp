@@ -98,7 +98,7 @@ inline void block_scores(const T* q, const float* qf, const T* kblk, float* rows
 template <int64_t DC>
 inline void value_sums_bf16(const c10::BFloat16* vbase, const int32_t* table, int64_t start, int64_t L, int64_t BS,
                             int64_t blk, int64_t tok, const float* s, int64_t Lw, int64_t h0, int64_t h1, float* acc) {
-  constexpr int64_t V = DC / 16, HC = V <= 4 ? 16 / V : 1;  // vectors per head; heads per pass (<= 16 accumulators)
+  constexpr int64_t V = DC / 16, HC = V < 16 ? 16 / V : 1;  // vectors per head; heads per pass (<= 16 accumulators)
   for (int64_t hb = h0; hb < h1; hb += HC) {
     const int64_t nh = std::min(HC, h1 - hb);
     __m512 a[HC][V];
