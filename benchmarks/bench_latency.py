@@ -118,40 +118,34 @@ def run_fnllm(path, args, prompts) -> dict:
     }
 
 
-def read_bandwidth(gib: float = 1.0, passes: int = 5) -> dict:
-    """Memory read bandwidth (bytes/s): a reduction over a tensor far larger than the caches."""
-    out = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        # random values: no page of it can be shared or compressed by the host
-        x = torch.rand(int(gib * (1 << 30)) // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
-        times = []
-        for _ in range(passes + 1):
-            t = time.perf_counter()
-            x.sum()
-            times.append(time.perf_counter() - t)
-        best = min(times[1:])
-        out[str(dtype).removeprefix("torch.")] = {"gib_per_s_best": round(x.nbytes / best / (1 << 30), 2),
-                                                  "gib_per_s_median": round(x.nbytes / statistics.median(times[1:]) / (1 << 30), 2)}
-        del x
-    out["bytes_per_s"] = max(v["gib_per_s_best"] for v in out.values()) * (1 << 30)
-    return out
-
-
 class BandwidthProbe:
     """The read bandwidth of the moment (bytes/s): one ``sum`` over a tensor
-    larger than the caches, timed between decode steps. The host's bandwidth
-    swings between modes (~30 and ~55 GiB/s here) from one second to the
-    next, so a bound measured at another moment compares a step with a
-    different machine."""
+    of random values (no page of it can be shared or compressed by the host)
+    far larger than the caches. Between decode steps it measures the machine
+    the step ran on: the host's bandwidth swings between modes (~30 and ~55
+    GiB/s here) from one second to the next."""
 
-    def __init__(self, mib: int = 256):
-        self.x = torch.rand((mib << 20) // 2, dtype=torch.bfloat16)
-        self.x.sum()
+    def __init__(self, mib: int = 256, dtype: torch.dtype = torch.bfloat16):
+        self.x = torch.rand((mib << 20) // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        self.x.sum()  # the first pass maps the pages; it is not timed
 
     def read(self) -> float:
         t = time.perf_counter()
         self.x.sum()
         return self.x.nbytes / (time.perf_counter() - t)
+
+
+def read_bandwidth(gib: float = 1.0, passes: int = 5) -> dict:
+    """Memory read bandwidth (bytes/s): the best of ``passes`` probe reads over ``gib``, per dtype."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        probe = BandwidthProbe(int(gib * 1024), dtype)
+        rates = [probe.read() / (1 << 30) for _ in range(passes)]
+        out[str(dtype).removeprefix("torch.")] = {"gib_per_s_best": round(max(rates), 2),
+                                                  "gib_per_s_median": round(statistics.median(rates), 2)}
+        del probe  # one probe tensor at a time
+    out["bytes_per_s"] = max(v["gib_per_s_best"] for v in out.values()) * (1 << 30)
+    return out
 
 
 def bytes_per_token(cfg, element: int, context: float) -> dict:

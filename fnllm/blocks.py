@@ -417,7 +417,7 @@ class PoolEdit(Edit):
 
 def _has_cached(pool: BlockPool) -> bool:
     """Whether ``pool`` caches any block (O(1))."""
-    return pool.num_blocks > 0 and bool(pool.maps.maps()[HASH_OF])
+    return pool.num_blocks > 0 and bool(pool.hash_of)
 
 
 # -- pure wrappers ------------------------------------------------------------------

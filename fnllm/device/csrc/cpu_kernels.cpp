@@ -148,16 +148,14 @@ void decode_row(const T* q, const T* kv, const int32_t* table, T* out, int64_t s
   }
   float inv[512];
   for (int64_t h = h0; h < H; ++h) inv[h] = softmax_unnormalized(s + h * Lw, Lw);
-  bool summed = false;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16> && DC % 16 == 0 && DC > 0) {
     for (int64_t g = h0 / G; g * G < H; ++g)  // each kv head's query heads (those of this task)
       value_sums_bf16<DC>(kv + v_off + g * D, table, start, L, BS, blk, tok, s, Lw, std::max(h0, g * G),
                           std::min(H, (g + 1) * G), acc);
-    summed = true;
-  }
+  } else
 #endif
-  if (!summed) {
+  {
     std::fill(acc, acc + H * D, 0.f);
     for (int64_t t0 = start - start % BS; t0 < L; t0 += BS) {
       const int64_t j0 = std::max(start, t0) - t0, n = std::min(BS, L - t0) - j0;
