@@ -72,6 +72,20 @@ def _packer(n: int):
 
 
 _PACKERS: dict = {}
+_LENGTH = struct.Struct("<I")
+
+
+def _words(n: int):
+    """``struct`` packer of n tokens as little-endian i64 (memoised per n)."""
+    pack = _WORDS.get(n)
+    if pack is None:
+        if len(_WORDS) >= 4096:
+            _WORDS.clear()
+        pack = _WORDS[n] = struct.Struct(f"<{n}q").pack
+    return pack
+
+
+_WORDS: dict = {}
 
 
 def hash_block(parent: bytes | None, tokens: Sequence[int], extra: tuple = ()) -> bytes:
@@ -88,11 +102,20 @@ def chain_hashes(
     tokens: Sequence[int], block_size: int, extra: tuple = (), parents: tuple[bytes, ...] = (), limit: int | None = None
 ) -> tuple[bytes, ...]:
     """Hashes of the full blocks of ``tokens``, extending the chain ``parents``
-    (hashes of the first ``len(parents)`` blocks), up to ``limit`` blocks."""
+    (hashes of the first ``len(parents)`` blocks), up to ``limit`` blocks.
+    Equal to :func:`hash_block` applied block by block; the tokens are
+    packed once and each block's hash reads its slice of the packed bytes."""
     n_full = len(tokens) // block_size if limit is None else min(limit, len(tokens) // block_size)
     out = list(parents)
-    for j in range(len(parents), n_full):
-        out.append(hash_block(out[-1] if out else None, tokens[j * block_size : (j + 1) * block_size], extra))
+    first = len(parents)
+    if n_full <= first:
+        return tuple(out)
+    words = _words((n_full - first) * block_size)(*tokens[first * block_size : n_full * block_size])
+    head, tail, width = _LENGTH.pack(block_size), repr(extra).encode() if extra else b"", 8 * block_size
+    parent, sha = out[-1] if out else _ROOT, hashlib.sha256
+    for at in range(0, len(words), width):
+        parent = sha(parent + head + words[at : at + width] + tail).digest()
+        out.append(parent)
     return tuple(out)
 
 

@@ -11,7 +11,9 @@ are small and bounded (cleared when full; those a step notes for the next
 one keep two entries, so old values are not kept alive); none of this is
 state.
 
-- :func:`traits`: a summary of the ``sampling`` column.
+- :func:`traits`: a summary of the ``sampling`` column;
+  :func:`note_traits_after` derives a column's from the column it was made
+  from (rows removed, rows appended).
 - :func:`length_margin` / :func:`note_length_margin`: the fewest tokens any
   row may still append before ``max_tokens``.
 - :func:`decode_ready` / :func:`note_decode_ready`: a ``Running`` whose every
@@ -28,6 +30,7 @@ of the latter, and fresh ones would each be scanned by the cyclic GC.
 from __future__ import annotations
 
 import functools
+from itertools import compress
 from operator import attrgetter, sub
 
 import attrs
@@ -83,6 +86,31 @@ def traits(sampling: tuple) -> Traits:
     found = Traits.of(sampling)
     _put(_TRAITS, sampling, (sampling, found))
     return found
+
+
+def note_traits_after(old: tuple, new: tuple, live: list) -> None:
+    """Record the traits of ``new``: the sampling column ``old`` without its
+    rows where ``live`` is False (``live[i]`` for row ``i`` of ``old``; a
+    longer ``live`` covers appended rows too), then the appended rows, all
+    in order. Derived from ``old``'s memoized traits with C-level passes and
+    a summary of the appended rows only; nothing is noted when ``old``'s are
+    unknown, or when a removed row may have set ``max_n``, ``guided``,
+    ``history`` or ``stop_ids`` (those are then recomputed on demand)."""
+    hit = _TRAITS.get(id(old))
+    if hit is None or hit[0] is not old or new is old:
+        return
+    t = hit[1]
+    kept = tuple(compress(t.max_tokens, live)) if len(live) > len(old) or not all(live) else t.max_tokens
+    if len(kept) < len(old) and (t.max_n > 1 or t.guided or t.history or t.stop_ids):
+        return
+    added = new[len(kept):]
+    if not added:
+        found = Traits(max_n=t.max_n, guided=t.guided, history=t.history, stop_ids=t.stop_ids, max_tokens=kept)
+    else:
+        a = Traits.of(added)
+        found = Traits(max_n=max(t.max_n, a.max_n), guided=t.guided or a.guided, history=t.history or a.history,
+                       stop_ids=t.stop_ids | a.stop_ids, max_tokens=kept + a.max_tokens)
+    _put(_TRAITS, new, (new, found))
 
 
 def length_margin(sampling: tuple, num_output: tuple) -> int:

@@ -59,6 +59,7 @@ class _Track:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, tokenizer):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.tokenizer = tokenizer
+        self.final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
         self.completions: dict[int, CompletionOutput] = {}
         self.num_cached_tokens: int | None = None
         self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative decoding
@@ -138,14 +139,22 @@ class _Track:
 
     def output(self, finished: bool) -> RequestOutput:
         """The request's output (a copy: later steps never change it); under
-        ``DELTA`` only the tokens, logprobs and text not reported before."""
+        ``DELTA`` only the tokens, logprobs and text not reported before.
+        A finished request's track is dropped by the caller, so its last
+        output hands over the track's own lists instead of copies."""
         delta = self.params.output_kind == RequestOutputKind.DELTA
-        outs = [self._snapshot(self.completions[i], delta) for i in sorted(self.completions)]
+        if finished and not delta:
+            outs = [self.completions[i] for i in sorted(self.completions)]
+            prompt_ids, lps, ranks = self.prompt_ids, self.prompt_lps, self.prompt_ranks
+        else:
+            outs = [self._snapshot(self.completions[i], delta) for i in sorted(self.completions)]
+            prompt_ids = list(self.prompt_ids)
+            lps = None if self.prompt_lps is None else list(self.prompt_lps)
+            ranks = None if self.prompt_ranks is None else list(self.prompt_ranks)
         return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=prompt_ids,
             outputs=outs, finished=finished, num_cached_tokens=self.num_cached_tokens,
-            prompt_logprobs=None if self.prompt_lps is None else list(self.prompt_lps),
-            prompt_logprob_ranks=None if self.prompt_ranks is None else list(self.prompt_ranks),
+            prompt_logprobs=lps, prompt_logprob_ranks=ranks,
             num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
         )
 
@@ -465,7 +474,8 @@ class LLMEngine:
             track = self._tracks[rid]
             track.num_draft_tokens += drafted
             track.num_accepted_tokens += accepted
-        tracks, final_only = self._tracks, RequestOutputKind.FINAL_ONLY
+        tracks = self._tracks
+        quiet = self.tokenizer is None and news.logprobs is None  # no track detokenizes or converts
         for rid, idx, tok, why, stop, lp in zip(
             news.request_ids, news.indexes, news.token_ids, news.finish_reasons, news.stop_reasons,
             news.logprobs if news.logprobs is not None else repeat(None),
@@ -477,12 +487,12 @@ class LLMEngine:
             elif c.finish_reason is not None:
                 touched[rid] = None
                 continue  # already ended by a stop string earlier in this step
-            if track.tokenizer is None and lp is None:  # nothing to detokenize or convert
+            if quiet or (track.tokenizer is None and lp is None):  # nothing to detokenize or convert
                 c.token_ids.append(tok)
                 hit = None
             else:
                 hit = track.add_token(idx, tok, lp)
-            if why is None and hit is None and track.params.output_kind == final_only:
+            if why is None and hit is None and track.final_only:
                 continue
             touched[rid] = None
             if hit is not None:
@@ -502,6 +512,6 @@ class LLMEngine:
         finished = rid not in self.state.requests
         if finished:
             del self._tracks[rid]
-        elif track.params.output_kind == RequestOutputKind.FINAL_ONLY:
+        elif track.final_only:
             return None
         return track.output(finished)

@@ -19,6 +19,7 @@ from fnllm.replace import replacer
 from fnllm.state import COLUMNS, EngineState, Rejection, Request, Running, Seq
 
 _replace_state = replacer(EngineState)
+_admitted = replacer(Request, ("arrival", "block_hashes"))  # the two fields add_request sets
 
 
 def initial_state(config: EngineConfig) -> EngineState:
@@ -156,7 +157,7 @@ def add_request(state: EngineState, request: Request, config: EngineConfig) -> E
     hashes = ()
     if config.cache.enable_prefix_caching:
         hashes = chain_hashes(request.prompt_token_ids, config.cache.block_size, request.extra_keys)
-    req = attrs.evolve(request, arrival=state.next_arrival, block_hashes=hashes)
+    req = _admitted(request, arrival=state.next_arrival, block_hashes=hashes)
     seq = Seq(seq_id=state.next_seq_id, request_id=req.request_id, hashes=hashes)
     requests = state.requests.set(req.request_id, req)
     return _replace_state(

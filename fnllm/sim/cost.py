@@ -65,6 +65,11 @@ def _swap_count(plan: BatchPlan) -> int:
 
 def features(plan: BatchPlan) -> dict:
     """The plan's cost inputs (see the module docstring)."""
+    return dict(zip(FEATURES, feature_values(plan)))
+
+
+def feature_values(plan: BatchPlan) -> tuple:
+    """:func:`features` as a tuple in ``FEATURES`` order (the simulator's hot path)."""
     lens = list(map(len, plan.token_ids))
     rows = len(lens)
     if lens.count(1) == rows:  # single-token rows only (the common step): column-wise
@@ -79,8 +84,7 @@ def features(plan: BatchPlan) -> dict:
                 ctx += pos + 1
             else:
                 pairs += n * pos + n * (n + 1) // 2
-    return {"tokens": tokens, "sampled_rows": sampled, "prefill_pairs": pairs, "decode_context": ctx,
-            "copied_blocks": len(plan.copies), "swapped_blocks": _swap_count(plan)}
+    return tokens, sampled, pairs, ctx, len(plan.copies), _swap_count(plan)
 
 
 def curve_at(curve: list, x: float) -> float:
@@ -142,19 +146,22 @@ class CostModel:
 
     # -- a step ----------------------------------------------------------------------
     def step_seconds(self, plan: BatchPlan) -> float:
-        if not len(plan) and not plan.copies and not _swap_count(plan):
+        f = feature_values(plan)
+        if not len(plan) and not f[4] and not f[5]:
             return 0.0
-        f = features(plan)
-        body = self._linear(f) if self.kind == "linear" else self._roofline(f)
-        return body + self._collectives(f["tokens"])
+        body = self._linear(f) if self.kind == "linear" else self._roofline(dict(zip(FEATURES, f)))
+        return body + self._collectives(f[0])
 
-    def _linear(self, f: dict) -> float:
-        c = self.coefficients
-        per_token = sum(c.get(TERM_OF[k], 0.0) * f[k] for k in ("tokens", "sampled_rows", "prefill_pairs", "decode_context"))
+    def _linear(self, f: tuple) -> float:
+        c, (tokens, sampled, pairs, ctx, copied, swapped) = self.coefficients, f
+        get = c.get
+        per_token = get("token", 0.0) * tokens + get("sample", 0.0) * sampled
+        per_token += get("prefill_attn", 0.0) * pairs
+        per_token += get("decode_attn", 0.0) * ctx
         if self.token_curve is not None:
-            per_token += curve_at(self.token_curve, f["tokens"])
-        other = c.get("copy", 0.0) * f["copied_blocks"] + c.get("swap", 0.0) * f["swapped_blocks"]
-        return c.get("step", 0.0) + per_token / self.tp + other
+            per_token += curve_at(self.token_curve, tokens)
+        other = get("copy", 0.0) * copied + get("swap", 0.0) * swapped
+        return get("step", 0.0) + per_token / self.tp + other
 
     def _roofline(self, f: dict) -> float:
         hw, m, tp = self.hardware, self.model, self.tp

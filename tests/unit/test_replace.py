@@ -35,3 +35,20 @@ def test_replace_rejects_unknown_fields_and_classes_with_converters_or_checks():
     with pytest.raises(TypeError):
         replacer(dict)
     assert replacer(EngineState) is replacer(EngineState)
+
+
+def test_replacer_of_named_fields_copies_the_converted_rest():
+    req = Request(request_id="a", prompt_token_ids=[1, 2], priority=3)
+    admit = replacer(Request, ("arrival", "block_hashes"))
+    new = admit(req, arrival=5, block_hashes=(b"h",))
+    assert new == attrs.evolve(req, arrival=5, block_hashes=(b"h",))
+    assert new.prompt_token_ids is req.prompt_token_ids and new.sampling is req.sampling
+    assert admit(req) == req and replacer(Request, ("arrival", "block_hashes")) is admit
+    with pytest.raises(TypeError):
+        admit(req, priority=1)  # not one of the named fields
+    with pytest.raises(TypeError, match="Request"):
+        replacer(Request, ("prompt_token_ids",))  # a converter
+    with pytest.raises(TypeError, match="Request"):
+        replacer(Request, ("no_such_field",))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        replacer(SamplingParams, ("seed",))  # __attrs_post_init__ validates
