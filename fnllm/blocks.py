@@ -57,9 +57,11 @@ import struct
 from typing import Iterable, Sequence
 
 from fnllm.pmaps import MISSING, Edit
+from fnllm.replace import replacer
 from fnllm.state import BY_HASH, CONTENT, HASH_OF, HOLE, LRU_NEXT, LRU_PREV, REF, BlockPool, Cons, InvariantError
 
 NO_BLOCK = -1
+_replace_pool = replacer(BlockPool)
 _ROOT = bytes(32)
 
 
@@ -195,6 +197,21 @@ class PoolEdit(Edit):
             self.tail = p
         self.num_lru -= 1
 
+    def _lru_pop(self) -> int:
+        """Unlink and return the LRU list's head (the list is not empty):
+        :meth:`_lru_remove` of the head, written out (hot: every eviction)."""
+        b = self.head
+        n = self.nxt.get(b, NO_BLOCK)
+        if n != NO_BLOCK:
+            nxt, prv = self.nxt, self.prv
+            self.log.extend((LRU_NEXT, b, n, LRU_PREV, n, prv[n]))
+            del nxt[b], prv[n]
+        else:
+            self.tail = NO_BLOCK
+        self.head = n
+        self.num_lru -= 1
+        return b
+
     def _forget(self, b: int) -> None:
         h = self.hash_of.get(b)
         if h is not None:  # three drops, written out (hot); a KeyError changes nothing
@@ -214,8 +231,7 @@ class PoolEdit(Edit):
             b = self.fresh
             self.fresh += 1
         else:
-            b = self.head
-            self._lru_remove(b)
+            b = self._lru_pop()
             if self.offload:
                 self._offload(b)
             self._forget(b)
@@ -258,8 +274,17 @@ class PoolEdit(Edit):
 
     def free_table(self, table: Iterable[int]) -> None:
         """Release a sequence's blocks, last block first, so its tail is evicted first (holes skipped)."""
+        if self.store.root is not self.version:
+            self.own()
+        ref, hash_of = self.ref, self.hash_of
         for b in reversed(tuple(table)):
-            if b != HOLE:
+            if b == HOLE:
+                continue
+            if ref.get(b) == 1 and b in hash_of:  # the usual last reference to a cached block, written out (hot)
+                self.log.extend((REF, b, 1))
+                del ref[b]
+                self._lru_append(b)
+            else:
                 self.decref(b)
 
     def punch(self, table: tuple[int, ...], pos: int, window: int | None) -> tuple[int, ...]:
@@ -424,17 +449,9 @@ class PoolEdit(Edit):
             for h in self.host_release:
                 self.host.decref(h)
             host = self.host.finish()
-        return BlockPool(
-            num_blocks=self.pool.num_blocks,
-            block_size=self.pool.block_size,
-            free_stack=self.stack,
-            num_stack=self.num_stack,
-            fresh=self.fresh,
-            lru_head=self.head,
-            lru_tail=self.tail,
-            num_lru=self.num_lru,
-            host=host,
-            maps=self.version,
+        return _replace_pool(
+            self.pool, free_stack=self.stack, num_stack=self.num_stack, fresh=self.fresh, lru_head=self.head,
+            lru_tail=self.tail, num_lru=self.num_lru, host=host, maps=self.version,
         )
 
 

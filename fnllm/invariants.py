@@ -38,6 +38,7 @@ from typing import Iterable
 from fnllm.blocks import NO_BLOCK, first_window_block, free_blocks, hash_block
 from fnllm.config import EngineConfig
 from fnllm.derived import Traits, decode_ready, known_crossing, length_margin, traits
+from fnllm.lifecycle import waiting_key
 from fnllm.state import COLUMNS, HOLE, BatchPlan, BlockPool, EngineState, InvariantError, SeqStatus, seq_tokens
 
 
@@ -129,7 +130,7 @@ def check_tiers(state: EngineState, config: EngineConfig) -> None:
 
 
 def check_invariants(state: EngineState, config: EngineConfig) -> None:
-    """Every invariant that a single state must satisfy (1-3, 5, 6, 9, 17, 18)."""
+    """Every invariant that a single state must satisfy (1-3, 5, 6, 9, 10's queue order, 17, 18)."""
     run, pool, bs = state.running, state.pool, config.cache.block_size
     check_pool(pool, run.tables)
     check_tiers(state, config)
@@ -154,9 +155,21 @@ def check_invariants(state: EngineState, config: EngineConfig) -> None:
         check_holes(table, nc, config, f"seq {run.seq_ids[i]}")
         _check_cached_content(state, i, req)
     _check_places(state)
+    _check_waiting_order(state, config.scheduler.policy)
     _check_derived(state)
     if not state.requests and pool.num_free != pool.num_blocks:
         _fail(6, f"no live request but {pool.num_blocks - pool.num_free} blocks are held: {sorted(pool.ref.keys())[:10]}")
+
+
+def _check_waiting_order(state: EngineState, policy: str) -> None:
+    """Invariant 10's precondition: the waiting queue is in admission order
+    (FCFS by arrival, or priority then arrival; a preempted sequence keeps
+    its original position)."""
+    keys = [waiting_key(state.requests[s.request_id], s, policy) for s in state.waiting]
+    for j in range(1, len(keys)):
+        if keys[j] < keys[j - 1]:
+            _fail(10, f"waiting seq {state.waiting[j].seq_id} (key {keys[j]}) is queued after "
+                      f"seq {state.waiting[j - 1].seq_id} (key {keys[j - 1]}) under {policy}")
 
 
 def _check_derived(state: EngineState) -> None:

@@ -86,3 +86,24 @@ def test_check_invariants_catches_a_wrong_note():
     derived.note_decode_ready(mid.running)
     with pytest.raises(InvariantError, match="decode-ready"):
         check_invariants(mid, CONFIG)
+
+
+def test_traits_noted_after_rows_leave_or_join_equal_recomputing():
+    plain = tuple(SamplingParams(max_tokens=m) for m in (5, 9, 7))
+    old = derived.traits(plain)
+    kept = (plain[0], plain[2])
+    derived.note_traits_after(plain, kept, [True, False, True])
+    assert derived.traits(kept) == derived.Traits.of(kept) and derived.traits(kept).max_tokens == (5, 7)
+    joined = kept + (SamplingParams(max_tokens=3, n=2, stop_token_ids=(4,)),)
+    derived.note_traits_after(plain, joined, [True, False, True, True])
+    assert derived.traits(joined) == derived.Traits.of(joined) and derived.traits(joined).max_n == 2
+    assert old == derived.Traits.of(plain)
+
+
+def test_traits_are_not_derived_when_a_leaving_row_may_have_set_them():
+    wide = (SamplingParams(max_tokens=4, n=3), SamplingParams(max_tokens=6))
+    derived.traits(wide)
+    rest = wide[1:]
+    derived.note_traits_after(wide, rest, [False, True])
+    assert id(rest) not in derived._TRAITS  # nothing noted: recomputed on demand
+    assert derived.traits(rest).max_n == 1
