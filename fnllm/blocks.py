@@ -65,15 +65,6 @@ _replace_pool = replacer(BlockPool)
 _ROOT = bytes(32)
 
 
-def _packer(n: int):
-    """``struct`` packer of (length, n tokens), little-endian (memoised per n)."""
-    pack = _PACKERS.get(n)
-    if pack is None:
-        pack = _PACKERS[n] = struct.Struct(f"<I{n}q").pack
-    return pack
-
-
-_PACKERS: dict = {}
 _LENGTH = struct.Struct("<I")
 
 
@@ -94,10 +85,16 @@ def hash_block(parent: bytes | None, tokens: Sequence[int], extra: tuple = ()) -
     """Chained, collision-resistant name of a full block's content:
     SHA-256 of (parent, length as u32, tokens as i64, repr(extra)), little-endian."""
     n = len(tokens)
-    data = (parent or _ROOT) + _packer(n)(n, *tokens)
-    if extra:
-        data += repr(extra).encode()
-    return hashlib.sha256(data).digest()
+    return _digest(parent or _ROOT, _LENGTH.pack(n), _words(n)(*tokens), _extra_bytes(extra))
+
+
+def _digest(parent: bytes, length: bytes, words: bytes, extra: bytes) -> bytes:
+    """The one place the block hash's bytes are laid out (see :func:`hash_block`)."""
+    return hashlib.sha256(parent + length + words + extra).digest()
+
+
+def _extra_bytes(extra: tuple) -> bytes:
+    return repr(extra).encode() if extra else b""
 
 
 def chain_hashes(
@@ -113,10 +110,10 @@ def chain_hashes(
     if n_full <= first:
         return tuple(out)
     words = _words((n_full - first) * block_size)(*tokens[first * block_size : n_full * block_size])
-    head, tail, width = _LENGTH.pack(block_size), repr(extra).encode() if extra else b"", 8 * block_size
-    parent, sha = out[-1] if out else _ROOT, hashlib.sha256
+    length, tail, width = _LENGTH.pack(block_size), _extra_bytes(extra), 8 * block_size
+    parent = out[-1] if out else _ROOT
     for at in range(0, len(words), width):
-        parent = sha(parent + head + words[at : at + width] + tail).digest()
+        parent = _digest(parent, length, words[at : at + width], tail)
         out.append(parent)
     return tuple(out)
 
@@ -177,29 +174,23 @@ class PoolEdit(Edit):
         self.num_lru += 1
 
     def _lru_remove(self, b: int) -> None:
-        p = self.prv.get(b, NO_BLOCK)
-        n = self.nxt.get(b, NO_BLOCK)
-        if p != NO_BLOCK:
-            self.drop(LRU_PREV, b)
-            if n != NO_BLOCK:
-                self.put(LRU_NEXT, p, n)
-            else:
-                self.drop(LRU_NEXT, p)
-        else:
-            self.head = n
+        if b == self.head:
+            self._lru_pop()
+            return
+        p, n = self.prv[b], self.nxt.get(b, NO_BLOCK)  # not the head: it has a predecessor
+        self.drop(LRU_PREV, b)
         if n != NO_BLOCK:
+            self.put(LRU_NEXT, p, n)
             self.drop(LRU_NEXT, b)
-            if p != NO_BLOCK:
-                self.put(LRU_PREV, n, p)
-            else:
-                self.drop(LRU_PREV, n)
+            self.put(LRU_PREV, n, p)
         else:
+            self.drop(LRU_NEXT, p)
             self.tail = p
         self.num_lru -= 1
 
     def _lru_pop(self) -> int:
-        """Unlink and return the LRU list's head (the list is not empty):
-        :meth:`_lru_remove` of the head, written out (hot: every eviction)."""
+        """Unlink and return the LRU list's head (the list is not empty), its
+        dict writes written out (hot: every eviction)."""
         b = self.head
         n = self.nxt.get(b, NO_BLOCK)
         if n != NO_BLOCK:
@@ -265,7 +256,8 @@ class PoolEdit(Edit):
         if r > 1:
             self.put(REF, b, r - 1)
             return
-        self.drop(REF, b)
+        self.log.extend((REF, b, 1))  # drop, written out (hot: every freed block)
+        del self.ref[b]
         if b in self.hash_of:
             self._lru_append(b)
         else:
@@ -274,17 +266,8 @@ class PoolEdit(Edit):
 
     def free_table(self, table: Iterable[int]) -> None:
         """Release a sequence's blocks, last block first, so its tail is evicted first (holes skipped)."""
-        if self.store.root is not self.version:
-            self.own()
-        ref, hash_of = self.ref, self.hash_of
         for b in reversed(tuple(table)):
-            if b == HOLE:
-                continue
-            if ref.get(b) == 1 and b in hash_of:  # the usual last reference to a cached block, written out (hot)
-                self.log.extend((REF, b, 1))
-                del ref[b]
-                self._lru_append(b)
-            else:
+            if b != HOLE:
                 self.decref(b)
 
     def punch(self, table: tuple[int, ...], pos: int, window: int | None) -> tuple[int, ...]:

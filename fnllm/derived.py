@@ -100,7 +100,7 @@ def note_traits_after(old: tuple, new: tuple, live: list) -> None:
     if hit is None or hit[0] is not old or new is old:
         return
     t = hit[1]
-    kept = tuple(compress(t.max_tokens, live)) if len(live) > len(old) or not all(live) else t.max_tokens
+    kept = tuple(compress(t.max_tokens, live))
     if len(kept) < len(old) and (t.max_n > 1 or t.guided or t.history or t.stop_ids):
         return
     added = new[len(kept):]

@@ -59,15 +59,6 @@ def insert_waiting(state_requests, waiting: tuple[Seq, ...], seqs: list[Seq], po
     return tuple(out)
 
 
-def _queued(requests, waiting: tuple[Seq, ...], seq: Seq, policy: str) -> tuple[Seq, ...]:
-    """``waiting`` with a new arrival placed. Under FCFS its key (``arrival`` =
-    the state's ``next_arrival``, above every live request's) is the largest,
-    so it goes last without computing a key; priority order searches."""
-    if policy != "priority":
-        return waiting + (seq,)
-    return insert_waiting(requests, waiting, [seq], policy)
-
-
 def max_blocks_held(total: int, config: EngineConfig) -> int:
     """The most device blocks one sequence of ``total`` tokens (prompt +
     max_tokens) holds at once. Without a window, all but the last token's.
@@ -173,7 +164,7 @@ def add_request(state: EngineState, request: Request, config: EngineConfig) -> E
         state,
         requests=requests,
         alive=state.alive.set(req.request_id, 1),
-        waiting=_queued(requests, state.waiting, seq, config.scheduler.policy),
+        waiting=insert_waiting(requests, state.waiting, [seq], config.scheduler.policy),
         next_seq_id=state.next_seq_id + 1,
         next_arrival=state.next_arrival + 1,
     )

@@ -42,7 +42,7 @@ from operator import add, attrgetter, itemgetter, mod, not_, sub
 
 from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
-from fnllm.derived import decode_ready, filled, note_crossing, note_traits_after, one_token, traits
+from fnllm.derived import decode_ready, filled, note_crossing, one_token, traits
 from fnllm.lifecycle import blocks_for, insert_waiting
 from fnllm.replace import replacer
 from fnllm.spec import plan_drafts
@@ -299,7 +299,6 @@ class _Step:
     def finish(self, n_admitted: int) -> tuple[EngineState, BatchPlan]:
         state, c, live = self.state, self.cols, self.live
         running = running_from(c, live, state.running)
-        note_traits_after(state.running.sampling, running.sampling, live)
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
         plan = self._build_plan(running)
         new_state = _replace_state(

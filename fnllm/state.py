@@ -26,6 +26,7 @@ from typing import Any, Optional, Protocol
 import attrs
 from immutables import Map
 
+from fnllm.derived import note_traits_after
 from fnllm.pmaps import Version, View, new_store
 
 EMPTY_MAP: Map = Map()
@@ -486,12 +487,17 @@ def running_from(cols: dict, live: list, old: Running) -> Running:
     """Freeze a step's working columns (``cols[name]``, a list per column;
     ``live[i]`` False for removed rows). When no row was added or removed, the
     row columns keep ``old``'s tuples (the same objects: memos keyed by them
-    stay valid)."""
-    if not all(live):
-        return Running(*(tuple(compress(cols[k], live)) for k in COLUMNS))
-    if len(live) == len(old):
+    stay valid); otherwise the new sampling column's traits are derived from
+    ``old``'s (:func:`fnllm.derived.note_traits_after`)."""
+    every = all(live)
+    if every and len(live) == len(old):
         return Running(*(getattr(old, k) if k in _ROW_COLUMNS else tuple(cols[k]) for k in COLUMNS))
-    return Running(*(tuple(cols[k]) for k in COLUMNS))
+    if every:
+        new = Running(*(tuple(cols[k]) for k in COLUMNS))
+    else:
+        new = Running(*(tuple(compress(cols[k], live)) for k in COLUMNS))
+    note_traits_after(old.sampling, new.sampling, live)
+    return new
 
 
 # -- the block pool ----------------------------------------------------------------

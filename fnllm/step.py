@@ -19,9 +19,7 @@ import attrs
 
 from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
-from fnllm.derived import (
-    filled, known_crossing, length_margin, note_decode_ready, note_length_margin, note_traits_after, traits,
-)
+from fnllm.derived import filled, known_crossing, length_margin, note_decode_ready, note_length_margin, traits
 from fnllm.replace import replacer
 from fnllm.schedule import decode_crossing, schedule
 from fnllm.spec import expected_samples, num_accepted
@@ -236,7 +234,6 @@ class _Commit:
     def finish(self, with_logprobs: bool) -> tuple[EngineState, Outputs]:
         c, live = self.cols, self.live
         running = running_from(c, live, self.state.running)
-        note_traits_after(self.state.running.sampling, running.sampling, live)
         forked = len(c["seq_ids"]) - len(self.state.running)
         state = _replace_state(
             self.state,
@@ -309,7 +306,6 @@ def _end_by_length(state: EngineState, edit: PoolEdit, toks: tuple, lps, **chang
         whys[i], live[i] = "length", False
         _end_sequence(edit, alive, requests, finished, run.request_ids[i], run.tables[i])
     running = running_from({k: changed[k] if k in changed else getattr(run, k) for k in COLUMNS}, live, run)
-    note_traits_after(run.sampling, running.sampling, live)
     note_decode_ready(running)  # the rows left were computed to their end and have one new token
     news = Outputs(run.request_ids, run.indexes, run.seq_ids, toks, tuple(whys), filled(None, len(run)), lps, tuple(finished))
     state = _replace_state(state, pool=edit.finish(), running=running, alive=alive.finish(), requests=requests.finish())

@@ -54,6 +54,7 @@ from fnllm.state import BatchPlan
 FEATURES = ("tokens", "sampled_rows", "prefill_pairs", "decode_context", "copied_blocks", "swapped_blocks")
 LINEAR_TERMS = ("step", "token", "sample", "prefill_attn", "decode_attn", "copy", "swap")
 TERM_OF = dict(zip(FEATURES, LINEAR_TERMS[1:]))  # feature -> the linear term that prices it
+_TERMS = tuple(TERM_OF[k] for k in FEATURES)  # the terms in feature order
 
 
 _SWAP_FIELDS = tuple(f.name for f in attrs.fields(BatchPlan) if "swap" in f.name)
@@ -153,15 +154,13 @@ class CostModel:
         return body + self._collectives(f[0])
 
     def _linear(self, f: tuple) -> float:
-        c, (tokens, sampled, pairs, ctx, copied, swapped) = self.coefficients, f
-        get = c.get
-        per_token = get("token", 0.0) * tokens + get("sample", 0.0) * sampled
-        per_token += get("prefill_attn", 0.0) * pairs
-        per_token += get("decode_attn", 0.0) * ctx
+        c = self.coefficients
+        w = [c.get(term, 0.0) for term in _TERMS]
+        per_token = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]  # tokens, sampled rows, attention pairs
         if self.token_curve is not None:
-            per_token += curve_at(self.token_curve, tokens)
-        other = get("copy", 0.0) * copied + get("swap", 0.0) * swapped
-        return get("step", 0.0) + per_token / self.tp + other
+            per_token += curve_at(self.token_curve, f[0])
+        other = w[4] * f[4] + w[5] * f[5]  # copied and swapped blocks
+        return c.get("step", 0.0) + per_token / self.tp + other
 
     def _roofline(self, f: dict) -> float:
         hw, m, tp = self.hardware, self.model, self.tp
