@@ -54,7 +54,6 @@ from fnllm.state import BatchPlan
 FEATURES = ("tokens", "sampled_rows", "prefill_pairs", "decode_context", "copied_blocks", "swapped_blocks")
 LINEAR_TERMS = ("step", "token", "sample", "prefill_attn", "decode_attn", "copy", "swap")
 TERM_OF = dict(zip(FEATURES, LINEAR_TERMS[1:]))  # feature -> the linear term that prices it
-_TERMS = tuple(TERM_OF[k] for k in FEATURES)  # the terms in feature order
 
 
 _SWAP_FIELDS = tuple(f.name for f in attrs.fields(BatchPlan) if "swap" in f.name)
@@ -155,7 +154,7 @@ class CostModel:
 
     def _linear(self, f: tuple) -> float:
         c = self.coefficients
-        w = [c.get(term, 0.0) for term in _TERMS]
+        w = [c.get(term, 0.0) for term in LINEAR_TERMS[1:]]  # in FEATURES order (TERM_OF)
         per_token = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]  # tokens, sampled rows, attention pairs
         if self.token_curve is not None:
             per_token += curve_at(self.token_curve, f[0])
