@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import functools
 from itertools import compress
-from operator import attrgetter, sub
-
-import attrs
+from operator import sub
+from typing import NamedTuple
 
 _SIZE = 8
 _RECENT = 2  # facts a step notes for the next step only: older values may die
@@ -42,11 +41,6 @@ _MARGIN: dict[int, tuple] = {}
 _READY: dict[int, object] = {}
 _CROSSING: dict[int, tuple] = {}
 
-_n = attrgetter("n")
-_guided = attrgetter("guided_decoding")
-_history = attrgetter("needs_history")
-_stop_ids = attrgetter("stop_token_ids")
-_max_tokens = attrgetter("max_tokens")
 
 
 def _put(memo: dict, key: object, value: tuple | object, size: int = _SIZE) -> None:
@@ -55,8 +49,7 @@ def _put(memo: dict, key: object, value: tuple | object, size: int = _SIZE) -> N
     memo[id(key)] = value
 
 
-@attrs.frozen
-class Traits:
+class Traits(NamedTuple):
     """``max_n``: the largest ``n``; ``guided`` / ``history``: whether any row
     is guided / reads its tokens when sampling; ``stop_ids``: every row's
     stop token ids; ``max_tokens``: the column of ``max_tokens``."""
@@ -69,13 +62,20 @@ class Traits:
 
     @classmethod
     def of(cls, sampling: tuple) -> "Traits":
-        return cls(
-            max_n=max(map(_n, sampling), default=1),
-            guided=any(map(_guided, sampling)),
-            history=any(map(_history, sampling)),
-            stop_ids=frozenset().union(*map(_stop_ids, sampling)),
-            max_tokens=tuple(map(_max_tokens, sampling)),
-        )
+        """One pass over the rows (it runs mostly on the few rows a step
+        admits; a whole column's traits are derived, see ``note_traits_after``)."""
+        max_n, guided, history, stop_ids, max_tokens = 1, False, False, frozenset(), []
+        for sp in sampling:
+            if sp.n > max_n:
+                max_n = sp.n
+            if sp.guided_decoding is not None:
+                guided = True
+            if sp.needs_history:
+                history = True
+            if sp.stop_token_ids:
+                stop_ids = stop_ids.union(sp.stop_token_ids)
+            max_tokens.append(sp.max_tokens)
+        return cls(max_n, guided, history, stop_ids, tuple(max_tokens))
 
 
 def traits(sampling: tuple) -> Traits:
@@ -105,11 +105,11 @@ def note_traits_after(old: tuple, new: tuple, live: list) -> None:
         return
     added = new[len(kept):]
     if not added:
-        found = Traits(max_n=t.max_n, guided=t.guided, history=t.history, stop_ids=t.stop_ids, max_tokens=kept)
+        found = Traits(t.max_n, t.guided, t.history, t.stop_ids, kept)
     else:
         a = Traits.of(added)
-        found = Traits(max_n=max(t.max_n, a.max_n), guided=t.guided or a.guided, history=t.history or a.history,
-                       stop_ids=t.stop_ids | a.stop_ids, max_tokens=kept + a.max_tokens)
+        found = Traits(max(t.max_n, a.max_n), t.guided or a.guided, t.history or a.history, t.stop_ids | a.stop_ids,
+                       kept + a.max_tokens)
     _put(_TRAITS, new, (new, found))
 
 

@@ -13,6 +13,11 @@ when first used. An unknown field name is a ``TypeError``, as in ``evolve``.
 plain (no converter or validator) and the class must have no
 ``__attrs_post_init__``; the other fields may have converters or
 validators, since they are copied from a value that already passed them.
+
+:func:`slot_init` is the same idea for construction: a class decorator that
+gives a plain frozen attrs class an ``__init__`` with attrs' signature
+(positional or keyword-only parameters, the same defaults) setting each
+slot through its descriptor, for the values a step builds by the hundred.
 """
 
 from __future__ import annotations
@@ -59,6 +64,28 @@ def _generate(cls: type, changed: tuple[str, ...] | None):
     scope.update((f"_set_{n}", _setter(cls, n)) for n in names)
     exec(compile(source, f"<fnllm.replace {cls.__name__}>", "exec"), scope)  # noqa: S102 - generated from field names
     return scope["replace"]
+
+
+def slot_init(cls: type) -> type:
+    """Give ``cls`` (a plain, slotted attrs class whose defaults are values,
+    not factories) an ``__init__`` that sets its slots directly; else ``TypeError``."""
+    fields = attrs.fields(cls)
+    if not _plain(cls) or hasattr(cls, "__attrs_pre_init__") or len({f.kw_only for f in fields}) > 1 or any(
+        isinstance(f.default, attrs.Factory) or type(inspect.getattr_static(cls, f.name, None)) is not _SLOT
+        for f in fields
+    ):
+        raise TypeError(f"slot_init() needs a plain slotted attrs class with value defaults: {cls.__name__}")
+    params = [f.name if f.default is attrs.NOTHING else f"{f.name}=_d_{f.name}" for f in fields]
+    star = "*, " if fields and all(f.kw_only for f in fields) else ""
+    sets = "\n".join(f"    _set_{f.name}(self, {f.name})" for f in fields) or "    pass"
+    source = f"def __init__(self, {star}{', '.join(params)}):\n{sets}\n"
+    scope = {f"_d_{f.name}": f.default for f in fields}
+    scope.update((f"_set_{f.name}", _setter(cls, f.name)) for f in fields)
+    exec(compile(source, f"<fnllm.replace init {cls.__name__}>", "exec"), scope)  # noqa: S102 - from field names
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init
+    return cls
 
 
 def replacer(cls: type, fields: tuple[str, ...] | None = None):

@@ -206,7 +206,10 @@ class _Step:
         sc = self.config.scheduler
         waiting = self.state.waiting
         c = self.cols
-        n_running = sum(_width(sp, n) for sp, n, ok in zip(c["sampling"], c["num_output"], self.live) if ok)
+        if traits(self.state.running.sampling).max_n == 1:  # every row is one sequence (the usual case)
+            n_running = self.live.count(True)
+        else:
+            n_running = sum(_width(sp, n) for sp, n, ok in zip(c["sampling"], c["num_output"], self.live) if ok)
         k = 0
         while k < len(waiting) and self.budget > 0:
             seq = waiting[k]

@@ -27,6 +27,7 @@ import attrs
 from immutables import Map
 
 from fnllm.derived import note_traits_after
+from fnllm.replace import slot_init
 from fnllm.pmaps import Version, View, new_store
 
 EMPTY_MAP: Map = Map()
@@ -432,6 +433,7 @@ class Request:
     block_hashes: tuple[bytes, ...] = ()
 
 
+@slot_init
 @attrs.frozen(kw_only=True)
 class Seq:
     """A sequence not running: waiting for first admission, preempted by
@@ -450,6 +452,7 @@ class Seq:
     swapped: tuple[int, ...] = ()  # host block table (SWAPPED only)
 
 
+@slot_init
 @attrs.frozen
 class Running:
     """The running sequences as columns; row ``i`` of every tuple is one
@@ -597,6 +600,7 @@ def guided_outputs(sampling, outputs, num_output) -> tuple:
     )
 
 
+@slot_init
 @attrs.frozen(kw_only=True)
 class BatchPlan:
     """One step's work, complete plain data, row ``i`` per scheduled sequence.
@@ -673,6 +677,7 @@ TokenLogprobs = tuple[tuple[int, float], ...]
 PromptLogprob = tuple[int, TokenLogprobs]
 
 
+@slot_init
 @attrs.frozen(kw_only=True)
 class StepOutput:
     """What the device returns for a plan: for each plan row, the tuple of
@@ -708,6 +713,7 @@ class SeqOutput:
     request_finished: bool = False
 
 
+@slot_init
 @attrs.frozen
 class Outputs:
     """A committed step's news as columns, one entry per sampled token

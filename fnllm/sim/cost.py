@@ -46,6 +46,7 @@ import json
 import math
 import os
 from importlib import resources
+from operator import attrgetter
 
 import attrs
 
@@ -57,10 +58,11 @@ TERM_OF = dict(zip(FEATURES, LINEAR_TERMS[1:]))  # feature -> the linear term th
 
 
 _SWAP_FIELDS = tuple(f.name for f in attrs.fields(BatchPlan) if "swap" in f.name)
+_swap_columns = attrgetter(*_SWAP_FIELDS)
 
 
 def _swap_count(plan: BatchPlan) -> int:
-    return sum(len(getattr(plan, name)) for name in _SWAP_FIELDS)
+    return sum(map(len, _swap_columns(plan)))
 
 
 def features(plan: BatchPlan) -> dict:
@@ -118,6 +120,8 @@ class CostModel:
     token_curve: list | None = None  # linear: [[tokens, seconds], ...] instead of the `token` term
     config: dict | None = None  # EngineConfig in trace form: the engine defaults it predicts
     meta: dict = attrs.field(factory=dict)  # name, source, notes, fit error
+    # linear: the coefficients of LINEAR_TERMS[1:] as a tuple (derived from `coefficients`)
+    _weights: tuple = attrs.field(init=False, default=(), eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in ("linear", "roofline"):
@@ -132,6 +136,7 @@ class CostModel:
             for k, v in self.coefficients.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ValueError(f"cost coefficient {k!r} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, "_weights", tuple(self.coefficients.get(t, 0.0) for t in LINEAR_TERMS[1:]))
             if self.token_curve is not None:
                 _check_curve(self.token_curve)
                 if self.coefficients.get("token"):
@@ -154,7 +159,7 @@ class CostModel:
 
     def _linear(self, f: tuple) -> float:
         c = self.coefficients
-        w = [c.get(term, 0.0) for term in LINEAR_TERMS[1:]]  # in FEATURES order (TERM_OF)
+        w = self._weights  # in FEATURES order (TERM_OF)
         per_token = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]  # tokens, sampled rows, attention pairs
         if self.token_curve is not None:
             per_token += curve_at(self.token_curve, f[0])
@@ -234,7 +239,7 @@ class CostModel:
 
     # -- files -------------------------------------------------------------------------
     def to_json(self) -> dict:
-        return attrs.asdict(self)
+        return attrs.asdict(self, filter=lambda a, _: a.init)  # not the derived `_weights`
 
     def save(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -245,7 +250,7 @@ class CostModel:
     def from_json(cls, d: dict, source: str = "cost model") -> "CostModel":
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object")
-        known = {f.name for f in attrs.fields(cls)}
+        known = {f.name for f in attrs.fields(cls) if f.init}
         extra = sorted(set(d) - known - {"comment", "sources"})
         if extra:
             raise ValueError(f"{source}: unknown cost model fields {extra}")

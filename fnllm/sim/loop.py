@@ -7,6 +7,13 @@ virtual time. Requests are added when virtual time reaches their arrival;
 after each step ``now += cost.step_seconds(engine.last_plan)``; when nothing
 is live, time jumps to the next arrival. Nothing here reads a real clock.
 
+While the loop runs, the cyclic collector's youngest generation is collected
+every 50,000 net allocations instead of CPython's 700 (the process's
+thresholds are restored after): what a step makes dies by reference
+counting (a 100,000-request run leaves ~50 objects in cycles), and at 700
+the collector rescans the live requests' young objects every few dozen
+steps (~3 % of the loop's time). It changes no result.
+
 Measured per request: arrival, the end of the step that produced its first
 token, and its finish; per step: time, KV blocks in use, running and
 waiting counts (for plots), and preemptions (the core's counter: a running
@@ -15,7 +22,9 @@ sequence sent back to the waiting queue, by recompute or swap).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 from typing import Callable
 
 import attrs
@@ -106,6 +115,17 @@ class _EngineShell:
 
 
 
+@contextlib.contextmanager
+def _young_collections_every(allocations: int):
+    """Collect generation 0 every ``allocations`` net allocations inside the block."""
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], allocations), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+
+
 def simulate(
     workload: tuple[WorkItem, ...] | list[WorkItem],
     config: EngineConfig,
@@ -135,39 +155,40 @@ def simulate(
         clock.now += cost.step_seconds(plan)
         return clock.now
 
-    while k < n or sh.busy():
-        while k < n and work[k].arrival <= clock.now:
-            item = work[k]
-            why = sh.add(item.request_id, prompt_ids(item, k, vocab, avoid), _request_params(item))
-            if why is None:
-                res.arrival[item.request_id] = item.arrival
-                res.add_steps[item.request_id] = sh.state.step
-            else:
-                res.rejected[item.request_id] = why
-            k += 1
-        if not sh.busy():
-            if k < n:
-                clock.now = max(clock.now, work[k].arrival)
-            continue
-        t0 = clock.now
-        plan = sh.step(res, advance)
-        if not len(plan) and clock.now == t0:
-            if k >= n:
-                raise RuntimeError(f"the engine made no progress at step {plan.step} with nothing left to arrive: "
-                                   f"{plan.idle_reason or 'no reason given'}")
-            clock.now = max(clock.now, work[k].arrival)  # nothing schedulable until more arrives
-        state = sh.state
-        res.steps += 1
-        if keep_plans:
-            res.plans.append(plan)
-        after = state.running.seq_ids
-        used = num_blocks - state.pool.num_free
-        if used > res.peak_kv_blocks:
-            res.peak_kv_blocks = used
-        if res.steps % thin == 0:
-            res.series.append((clock.now, used, len(after), len(state.waiting)))
-            if len(res.series) >= 2 * series_points:
-                res.series = res.series[::2]
-                thin *= 2
+    with _young_collections_every(50_000):
+        while k < n or sh.busy():
+            while k < n and work[k].arrival <= clock.now:
+                item = work[k]
+                why = sh.add(item.request_id, prompt_ids(item, k, vocab, avoid), _request_params(item))
+                if why is None:
+                    res.arrival[item.request_id] = item.arrival
+                    res.add_steps[item.request_id] = sh.state.step
+                else:
+                    res.rejected[item.request_id] = why
+                k += 1
+            if not sh.busy():
+                if k < n:
+                    clock.now = max(clock.now, work[k].arrival)
+                continue
+            t0 = clock.now
+            plan = sh.step(res, advance)
+            if not len(plan) and clock.now == t0:
+                if k >= n:
+                    raise RuntimeError(f"the engine made no progress at step {plan.step} with nothing left to arrive: "
+                                       f"{plan.idle_reason or 'no reason given'}")
+                clock.now = max(clock.now, work[k].arrival)  # nothing schedulable until more arrives
+            state = sh.state
+            res.steps += 1
+            if keep_plans:
+                res.plans.append(plan)
+            after = state.running.seq_ids
+            used = num_blocks - state.pool.num_free
+            if used > res.peak_kv_blocks:
+                res.peak_kv_blocks = used
+            if res.steps % thin == 0:
+                res.series.append((clock.now, used, len(after), len(state.waiting)))
+                if len(res.series) >= 2 * series_points:
+                    res.series = res.series[::2]
+                    thin *= 2
     res.preemptions = sh.state.num_preemptions
     return res

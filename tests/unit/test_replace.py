@@ -1,5 +1,6 @@
 """fnllm.replace: the fast evolve gives what attrs.evolve gives, and refuses
-classes whose __init__ does more than set fields."""
+classes whose __init__ does more than set fields; slot_init constructs what
+attrs' own __init__ constructs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 
 from fnllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from fnllm.lifecycle import initial_state
-from fnllm.replace import replace, replacer
-from fnllm.state import EngineState, Request, Running, SamplingParams
+from fnllm.replace import replace, replacer, slot_init
+from fnllm.state import BatchPlan, EngineState, Outputs, Request, Running, SamplingParams, Seq, StepOutput
 
 
 def test_replace_equals_evolve_and_shares_the_rest():
@@ -52,3 +53,64 @@ def test_replacer_of_named_fields_copies_the_converted_rest():
         replacer(Request, ("no_such_field",))
     with pytest.raises(TypeError, match="SamplingParams"):
         replacer(SamplingParams, ("seed",))  # __attrs_post_init__ validates
+
+
+def _twins(kw_only: bool):
+    """The same attrs class twice: attrs' own __init__, and slot_init's."""
+    def make():
+        @attrs.frozen(kw_only=kw_only)
+        class Value:
+            a: int
+            b: tuple = ()
+            c: str | None = None
+        return Value
+    return make(), slot_init(make())
+
+
+@pytest.mark.parametrize("kw_only", [False, True])
+def test_slot_init_constructs_what_attrs_init_does(kw_only):
+    plain, fast = _twins(kw_only)
+    for args, kwargs in ([(), {"a": 1}], [(), {"a": 1, "c": "x"}], [(), {"a": 2, "b": (3,), "c": None}]):
+        assert attrs.asdict(fast(*args, **kwargs)) == attrs.asdict(plain(*args, **kwargs))
+    if not kw_only:
+        assert attrs.asdict(fast(1, (2,), "z")) == attrs.asdict(plain(1, (2,), "z"))
+    for args, kwargs in ([(), {}], [(), {"a": 1, "d": 2}], [(1, 2, 3, 4), {}]):  # missing, unknown, too many
+        for cls in (plain, fast):
+            with pytest.raises(TypeError):
+                cls(*args, **kwargs)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast(a=1).a = 2
+    assert fast(a=1) == fast(a=1) and hash(fast(a=1)) == hash(fast(a=1))
+
+
+def test_slot_init_keeps_the_signature_of_the_core_values():
+    import inspect
+
+    for cls in (Running, BatchPlan, StepOutput, Outputs, Seq):
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        fields = attrs.fields(cls)
+        assert [p.name for p in params] == [f.name for f in fields]
+        assert [p.default for p in params] == [inspect.Parameter.empty if f.default is attrs.NOTHING else f.default
+                                               for f in fields]
+        assert {p.kind == inspect.Parameter.KEYWORD_ONLY for p in params} == {f.kw_only for f in fields}
+
+
+def test_slot_init_refuses_factories_converters_and_post_init():
+    @attrs.frozen
+    class WithFactory:
+        a: list = attrs.field(factory=list)
+
+    @attrs.frozen
+    class WithConverter:
+        a: tuple = attrs.field(converter=tuple)
+
+    @attrs.frozen
+    class WithPostInit:
+        a: int = 0
+
+        def __attrs_post_init__(self) -> None:
+            pass
+
+    for cls in (WithFactory, WithConverter, WithPostInit):
+        with pytest.raises(TypeError):
+            slot_init(cls)
