@@ -38,13 +38,14 @@ def _is_array(x) -> bool:
     return hasattr(x, "tolist") and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _token_ids(ids) -> list[int]:
-    """Token ids as plain ints: numpy integers and 0-d arrays are fine, bools,
+def _token_ids(ids) -> list[int] | tuple[int, ...]:
+    """Token ids as plain ints (a tuple of them as it is, else a new list):
+    numpy integers and 0-d arrays are fine, bools,
     floats and strings are not (``ValueError`` naming the first bad one)."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
-    if type(ids) in (list, tuple) and set(map(type, ids)) <= {int}:
-        return list(ids)  # the usual case: plain ints (bools are their own type)
+    if type(ids) in (list, tuple) and set(map(type, ids)) <= {int}:  # the usual case: plain ints (bools are their own type)
+        return ids if type(ids) is tuple else list(ids)  # a tuple cannot change later: no copy
     out = []
     for t in ids:
         if isinstance(t, bool) or not hasattr(t, "__index__"):
@@ -225,7 +226,7 @@ class LLMEngine:
             recorder.start(config)
 
     # -- input --------------------------------------------------------------------
-    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int] | tuple[int, ...]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])

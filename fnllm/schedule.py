@@ -52,7 +52,7 @@ from fnllm.state import (
 )
 
 
-_head, _second, _third, _fourth = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+_head = itemgetter(0)
 _PROMPT_LOGPROBS = attrgetter("prompt_logprobs")
 _replace_state = replacer(EngineState)
 _replace_running = replacer(Running)
@@ -330,19 +330,19 @@ class _Step:
                 tuple(map(c[k].__getitem__, order))
                 for k in ("seq_ids", "request_ids", "tables", "indexes", "sampling", "outputs", "num_output")
             )
-        num_samples = tuple(map(_third, plan_rows))
+        token_ids, positions, num_samples, copies = zip(*plan_rows) if plan_rows else ((), (), (), ())
         return BatchPlan(
             step=self.state.step,
             seq_ids=seq_ids,
             request_ids=request_ids,
-            token_ids=tuple(map(_head, plan_rows)),
-            positions=tuple(map(_second, plan_rows)),
+            token_ids=token_ids,
+            positions=positions,
             block_tables=tables,
             num_samples=num_samples,
             sample_index=indexes,
             output_pos=num_output,
             sampling=sampling,
-            copies=tuple(chain.from_iterable(map(_fourth, plan_rows))),
+            copies=tuple(chain.from_iterable(copies)),
             swap_out=tuple(self.edit.swaps_out),
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,

@@ -494,11 +494,11 @@ def running_from(cols: dict, live: list, old: Running) -> Running:
     ``old``'s (:func:`fnllm.derived.note_traits_after`)."""
     every = all(live)
     if every and len(live) == len(old):
-        return Running(*(getattr(old, k) if k in _ROW_COLUMNS else tuple(cols[k]) for k in COLUMNS))
+        return Running(*[getattr(old, k) if k in _ROW_COLUMNS else tuple(cols[k]) for k in COLUMNS])
     if every:
-        new = Running(*(tuple(cols[k]) for k in COLUMNS))
+        new = Running(*[tuple(cols[k]) for k in COLUMNS])
     else:
-        new = Running(*(tuple(compress(cols[k], live)) for k in COLUMNS))
+        new = Running(*[tuple(compress(cols[k], live)) for k in COLUMNS])
     note_traits_after(old.sampling, new.sampling, live)
     return new
 
