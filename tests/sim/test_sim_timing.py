@@ -12,6 +12,7 @@ from fnllm.config import CacheConfig, EngineConfig, ModelConfig
 from fnllm.device.fake import FakeExecutor
 from fnllm.engine import LLMEngine
 from fnllm.sim.cost import CostModel, features, load_cost_model
+from fnllm.sim.executor import SimExecutor, filler_token
 from fnllm.sim.loop import simulate
 from fnllm.sim.report import metrics, percentile, sim_metrics
 from fnllm.sim.search import max_rate, parse_slo, parse_sweeps, resolve
@@ -40,6 +41,30 @@ def test_hand_computed_times():
     assert m["ttft_p99_s"] == pytest.approx(1.2 + 0.2 * 0.99)
     assert m["tpot_mean_s"] == pytest.approx(1.1) and m["tpot_p99_s"] == pytest.approx(1.1)
     assert m["requests"] == 2 and m["preemptions"] == 0 and m["peak_kv_usage"] == pytest.approx(2 / 64)
+
+
+def test_the_loop_restores_the_collectors_thresholds():
+    import gc
+
+    class Broken:
+        """An executor that fails on the first step."""
+
+        def execute(self, plan):
+            raise KeyboardInterrupt  # propagates out of the engine (after it repairs its state)
+
+    before = gc.get_threshold()
+    seen = []
+
+    class Watching(SimExecutor):
+        def execute(self, plan):
+            seen.append(gc.get_threshold())
+            return super().execute(plan)
+
+    simulate(WORK, CONFIG, HAND, executor=Watching(filler_token(CONFIG.model.vocab_size, CONFIG.model.eos_token_ids)))
+    assert gc.get_threshold() == before and seen and seen[0][0] >= 50_000 and seen[0][1:] == before[1:]
+    with pytest.raises(KeyboardInterrupt):
+        simulate(WORK, CONFIG, HAND, executor=Broken())
+    assert gc.get_threshold() == before
 
 
 def test_cli_hand_computed_times(tmp_path, capsys):

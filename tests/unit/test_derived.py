@@ -107,3 +107,17 @@ def test_traits_are_not_derived_when_a_leaving_row_may_have_set_them():
     derived.note_traits_after(wide, rest, [False, True])
     assert id(rest) not in derived._TRAITS  # nothing noted: recomputed on demand
     assert derived.traits(rest).max_n == 1
+
+
+def test_traits_of_a_column():
+    from fnllm.state import GuidedDecodingParams
+
+    plain = SamplingParams(max_tokens=3)
+    column = (plain, SamplingParams(n=3, max_tokens=5, stop_token_ids=[7, 8]),
+              SamplingParams(max_tokens=9, stop_token_ids=[8, 9], repetition_penalty=1.2),
+              SamplingParams(max_tokens=2, guided_decoding=GuidedDecodingParams(choice=["a", "b"])))
+    t = derived.Traits.of(column)
+    assert t == (3, True, True, frozenset({7, 8, 9}), (3, 5, 9, 2))
+    assert (t.max_n, t.guided, t.history, t.stop_ids, t.max_tokens) == tuple(t)
+    assert derived.Traits.of((plain,)) == (1, False, False, frozenset(), (3,))
+    assert derived.Traits.of(()) == (1, False, False, frozenset(), ())
