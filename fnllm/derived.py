@@ -42,7 +42,6 @@ _READY: dict[int, object] = {}
 _CROSSING: dict[int, tuple] = {}
 
 
-
 def _put(memo: dict, key: object, value: tuple | object, size: int = _SIZE) -> None:
     if len(memo) >= size:
         memo.clear()

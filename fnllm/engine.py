@@ -44,8 +44,8 @@ def _token_ids(ids) -> list[int] | tuple[int, ...]:
     floats and strings are not (``ValueError`` naming the first bad one)."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise ValueError(f"prompt_token_ids must be a list of integers, got {type(ids).__name__}")
-    if type(ids) in (list, tuple) and set(map(type, ids)) <= {int}:  # the usual case: plain ints (bools are their own type)
-        return ids if type(ids) is tuple else list(ids)  # a tuple cannot change later: no copy
+    if type(ids) in (list, tuple) and set(map(type, ids)) <= {int}:  # plain ints (bools are their own type)
+        return ids if type(ids) is tuple else list(ids)  # the usual case; a tuple cannot change later: no copy
     out = []
     for t in ids:
         if isinstance(t, bool) or not hasattr(t, "__index__"):

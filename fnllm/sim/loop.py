@@ -115,11 +115,26 @@ class _EngineShell:
 
 
 
+def _record(res: SimResult, state, now: float, num_blocks: int, thin: int, series_points: int) -> int:
+    """Peak KV use, and every ``thin``-th step's point of the series (halved
+    when it reaches ``2 * series_points``); the thinning factor after."""
+    used = num_blocks - state.pool.num_free
+    if used > res.peak_kv_blocks:
+        res.peak_kv_blocks = used
+    if res.steps % thin == 0:
+        res.series.append((now, used, len(state.running), len(state.waiting)))
+        if len(res.series) >= 2 * series_points:
+            res.series = res.series[::2]
+            thin *= 2
+    return thin
+
+
 @contextlib.contextmanager
 def _young_collections_every(allocations: int):
     """Collect generation 0 every ``allocations`` net allocations inside the block."""
     old = gc.get_threshold()
-    gc.set_threshold(max(old[0], allocations), *old[1:])
+    if old[0]:  # 0: automatic collection is off, and stays off
+        gc.set_threshold(max(old[0], allocations), *old[1:])
     try:
         yield
     finally:
@@ -177,18 +192,9 @@ def simulate(
                     raise RuntimeError(f"the engine made no progress at step {plan.step} with nothing left to arrive: "
                                        f"{plan.idle_reason or 'no reason given'}")
                 clock.now = max(clock.now, work[k].arrival)  # nothing schedulable until more arrives
-            state = sh.state
             res.steps += 1
             if keep_plans:
                 res.plans.append(plan)
-            after = state.running.seq_ids
-            used = num_blocks - state.pool.num_free
-            if used > res.peak_kv_blocks:
-                res.peak_kv_blocks = used
-            if res.steps % thin == 0:
-                res.series.append((clock.now, used, len(after), len(state.waiting)))
-                if len(res.series) >= 2 * series_points:
-                    res.series = res.series[::2]
-                    thin *= 2
+            thin = _record(res, sh.state, clock.now, num_blocks, thin, series_points)
     res.preemptions = sh.state.num_preemptions
     return res

@@ -65,6 +65,13 @@ def test_the_loop_restores_the_collectors_thresholds():
     with pytest.raises(KeyboardInterrupt):
         simulate(WORK, CONFIG, HAND, executor=Broken())
     assert gc.get_threshold() == before
+    gc.set_threshold(0, *before[1:])  # automatic collection off: the loop leaves it off
+    try:
+        seen.clear()
+        simulate(WORK, CONFIG, HAND, executor=Watching(filler_token(CONFIG.model.vocab_size, CONFIG.model.eos_token_ids)))
+        assert seen and {t[0] for t in seen} == {0} and gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_cli_hand_computed_times(tmp_path, capsys):
