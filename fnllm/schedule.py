@@ -206,10 +206,10 @@ class _Step:
         sc = self.config.scheduler
         waiting = self.state.waiting
         c = self.cols
-        if traits(self.state.running.sampling).max_n == 1:  # every row is one sequence (the usual case)
-            n_running = self.live.count(True)
-        else:
-            n_running = sum(_width(sp, n) for sp, n, ok in zip(c["sampling"], c["num_output"], self.live) if ok)
+        # live rows, plus the further sequences of rows that have yet to fork (none when no row has n > 1)
+        n_running = self.live.count(True)
+        if traits(self.state.running.sampling).max_n > 1:
+            n_running += sum(_width(sp, n) - 1 for sp, n, ok in zip(c["sampling"], c["num_output"], self.live) if ok)
         k = 0
         while k < len(waiting) and self.budget > 0:
             seq = waiting[k]

@@ -27,8 +27,8 @@ import attrs
 from immutables import Map
 
 from fnllm.derived import note_traits_after
-from fnllm.replace import slot_init
 from fnllm.pmaps import Version, View, new_store
+from fnllm.replace import slot_init
 
 EMPTY_MAP: Map = Map()
 

@@ -120,7 +120,7 @@ class CostModel:
     token_curve: list | None = None  # linear: [[tokens, seconds], ...] instead of the `token` term
     config: dict | None = None  # EngineConfig in trace form: the engine defaults it predicts
     meta: dict = attrs.field(factory=dict)  # name, source, notes, fit error
-    # linear: the coefficients of LINEAR_TERMS[1:] as a tuple (derived from `coefficients`)
+    # linear: the coefficients of LINEAR_TERMS in order, as a tuple (derived from `coefficients`)
     _weights: tuple = attrs.field(init=False, default=(), eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -136,7 +136,7 @@ class CostModel:
             for k, v in self.coefficients.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ValueError(f"cost coefficient {k!r} must be a finite number >= 0, got {v!r}")
-            object.__setattr__(self, "_weights", tuple(self.coefficients.get(t, 0.0) for t in LINEAR_TERMS[1:]))
+            object.__setattr__(self, "_weights", tuple(self.coefficients.get(t, 0.0) for t in LINEAR_TERMS))
             if self.token_curve is not None:
                 _check_curve(self.token_curve)
                 if self.coefficients.get("token"):
@@ -158,13 +158,12 @@ class CostModel:
         return body + self._collectives(f[0])
 
     def _linear(self, f: tuple) -> float:
-        c = self.coefficients
-        w = self._weights  # in FEATURES order (TERM_OF)
-        per_token = w[0] * f[0] + w[1] * f[1] + w[2] * f[2] + w[3] * f[3]  # tokens, sampled rows, attention pairs
+        w = self._weights  # LINEAR_TERMS: the step, then one per feature in FEATURES order (TERM_OF)
+        per_token = w[1] * f[0] + w[2] * f[1] + w[3] * f[2] + w[4] * f[3]  # tokens, sampled rows, attention pairs
         if self.token_curve is not None:
             per_token += curve_at(self.token_curve, f[0])
-        other = w[4] * f[4] + w[5] * f[5]  # copied and swapped blocks
-        return c.get("step", 0.0) + per_token / self.tp + other
+        other = w[5] * f[4] + w[6] * f[5]  # copied and swapped blocks
+        return w[0] + per_token / self.tp + other
 
     def _roofline(self, f: dict) -> float:
         hw, m, tp = self.hardware, self.model, self.tp

@@ -113,6 +113,20 @@ class _EngineShell:
         return plan
 
 
+def _add_arrived(sh: _EngineShell, res: SimResult, work: list, k: int, now: float, vocab: int,
+                 avoid: frozenset) -> int:
+    """Add ``work[k:]``'s items that have arrived by ``now`` (rejections
+    recorded); the index of the first item still to come."""
+    while k < len(work) and work[k].arrival <= now:
+        item = work[k]
+        why = sh.add(item.request_id, prompt_ids(item, k, vocab, avoid), _request_params(item))
+        if why is None:
+            res.arrival[item.request_id] = item.arrival
+            res.add_steps[item.request_id] = sh.state.step
+        else:
+            res.rejected[item.request_id] = why
+        k += 1
+    return k
 
 
 def _record(res: SimResult, state, now: float, num_blocks: int, thin: int, series_points: int) -> int:
@@ -172,15 +186,7 @@ def simulate(
 
     with _young_collections_every(50_000):
         while k < n or sh.busy():
-            while k < n and work[k].arrival <= clock.now:
-                item = work[k]
-                why = sh.add(item.request_id, prompt_ids(item, k, vocab, avoid), _request_params(item))
-                if why is None:
-                    res.arrival[item.request_id] = item.arrival
-                    res.add_steps[item.request_id] = sh.state.step
-                else:
-                    res.rejected[item.request_id] = why
-                k += 1
+            k = _add_arrived(sh, res, work, k, clock.now, vocab, avoid)
             if not sh.busy():
                 if k < n:
                     clock.now = max(clock.now, work[k].arrival)
