@@ -130,6 +130,11 @@ class TorchBackend:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
+    def decode_layers(self, layers, x, residual, kv_caches, meta):
+        """Every decoder layer in one call, ``(x, residual)`` after the last; None:
+        the model runs them one by one through these ops (always, here)."""
+        return None
+
     # -- per step ------------------------------------------------------------------
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:

@@ -21,6 +21,10 @@ bandwidth (oneDNN's packed GEMV reads them at about half): the model keeps its
 plain weights and the backend their packed copies (``hold_packed``), while the
 plain ones total at most ``SMALL_LINEAR_MAX_BYTES``; above that the model's
 weights are replaced by packed ones. Larger steps use oneDNN's packed GEMM.
+Such a few-token step whose every token is a decode row runs all its decoder
+layers in one kernel call (``decode_layers``, ``csrc/decode_layers.cpp``):
+the same kernels in the same order, so the same values, without returning
+to Python between them.
 
 ``batch_invariant=True`` (vLLM's ``VLLM_BATCH_INVARIANT`` idea): a token's
 result does not depend on what else is in its step. Norms, rotary and SiLU
@@ -90,15 +94,34 @@ class FusedCpuBackend(TorchBackend):
     def linear(self, x, weight, bias=None):
         if self.batch_invariant and x.shape[0] == 1:  # a lone row as two: the GEMM's summation order
             return super().linear(x.expand(2, -1).contiguous(), weight, bias)[:1]
-        held = self._packed is not None
-        if self.small_linear and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and (held or not self.packs_linears):
+        if self._streams(x.shape[0]):
             return self.k.small_linear(x.contiguous(), weight, bias)  # `weight` is the plain one
-        if held:
+        if self._packed is not None:
             packed = self._packed.get(id(weight))
             if packed is None:  # lazy: first needed now
                 packed = self._packed[id(weight)] = self.pack_weight(weight)
             weight = packed
         return super().linear(x, weight, bias)
+
+    def _streams(self, rows: int) -> bool:
+        """Whether a step of ``rows`` tokens multiplies by the plain weights (``small_linear``)."""
+        plain_at_hand = self._packed is not None or not self.packs_linears
+        return self.small_linear and rows <= SMALL_LINEAR_MAX_ROWS and plain_at_hand
+
+    def decode_layers(self, layers, x, residual, kv_caches, meta: TorchMeta):
+        """A step whose every token is a decode row and whose linears stream the
+        plain weights (batch-1 decode): all layers in one kernel call
+        (``csrc/decode_layers.cpp``), the same kernels in the same order as
+        the layer-by-layer path, so the same values; None for any other step."""
+        if meta.prefills or len(meta.decodes) != 1 or meta.decodes[0].token_idx is not None \
+                or not self._streams(meta.num_tokens):
+            return None
+        d = meta.decodes[0]
+        params = [p for layer in layers for p in layer.decode_params()]
+        x, residual = self.k.decode_layers(x.contiguous(), residual, params, kv_caches, meta.positions, self._cos_sin,
+                                           meta.slot_mapping, d.block_tables, d.seq_lens, self.num_heads,
+                                           self.num_kv_heads, layers[0].cfg.rms_norm_eps, self.scale, self._window)
+        return x, residual
 
     def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:
         if self._cos_sin is None:

@@ -1,4 +1,5 @@
-"""Fused CPU kernels (``csrc/cpu_kernels.cpp``, ``csrc/small_linear.cpp``), built on first use.
+"""Fused CPU kernels (``csrc/cpu_kernels.cpp``, ``csrc/small_linear.cpp``,
+``csrc/decode_layers.cpp``), built on first use.
 
 torch's C++ extension loader compiles the source once per source version
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``);
@@ -14,8 +15,9 @@ import logging
 import os
 from pathlib import Path
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "small_linear.cpp")]
-_HEADERS = [Path(__file__).parent / "csrc" / "common.h"]  # not compiled on their own, part of the build key
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("cpu_kernels.cpp", "small_linear.cpp", "decode_layers.cpp")]
+_HEADERS = [_CSRC / name for name in ("common.h", "kernels.h")]  # not compiled on their own, part of the build key
 _state: dict[str, object] = {}
 log = logging.getLogger(__name__)
 

@@ -101,6 +101,11 @@ class DecoderLayer(nn.Module):
 
     LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
+    def decode_params(self) -> tuple:
+        """The layer's tensors in the order a backend's one-call ``decode_layers`` takes them."""
+        return (self.qkv_weight, self.qkv_bias, self.o_weight, self.o_bias, self.gate_up_weight, self.down_weight,
+                self.input_norm, self.post_norm)
+
 
 class PanguEmbeddedForCausalLM(nn.Module):
     """The decoder; also serves ``LlamaForCausalLM`` checkpoints."""
@@ -190,8 +195,12 @@ class PanguEmbeddedForCausalLM(nn.Module):
             x = F.embedding(input_ids, self.embed_tokens) if self.tp is None else \
                 vocab_parallel_embedding(input_ids, self.embed_tokens, self.shard, self.tp)
             residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, kv_cache, meta, ops)
+        fused = None if self.tp is not None else ops.decode_layers(self.layers, x, residual, kv_caches, meta)
+        if fused is not None:  # the backend ran every layer in one call (the same kernels, the same values)
+            x, residual = fused
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, kv_cache, meta, ops)
         if self.norm is None:
             return x, residual
         if logits_indices is None or logits_indices.numel() == 0:

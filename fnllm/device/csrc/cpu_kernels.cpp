@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "kernels.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -263,6 +264,10 @@ void rope_impl(const T* qkv, const int64_t* pos, const float* cos_sin, T* q_out,
   });
 }
 
+}  // namespace
+
+namespace fnllm_cpu {
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                            double scale, int64_t window) {
   check(q, "q"), check(kv_cache, "kv_cache"), check(block_tables, "block_tables"), check(seq_lens, "seq_lens");
@@ -376,12 +381,10 @@ std::vector<torch::Tensor> rope(torch::Tensor qkv, torch::Tensor positions, torc
   return {q, k};
 }
 
-}  // namespace
-
-// small_linear.cpp
-torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+}  // namespace fnllm_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace fnllm_cpu;
   m.def("paged_decode", &paged_decode, "paged decode attention (one query token per row; window > 0: its last "
         "`window` keys only)", pybind11::arg("q"), pybind11::arg("kv_cache"), pybind11::arg("block_tables"),
         pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("window") = 0);
@@ -392,4 +395,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "neox rotary on the q and k heads of fused qkv");
   m.def("small_linear", &small_linear, "x w^T (+ bias) for a few rows, w row-major [N, K] read once",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("decode_layers", &decode_layers, "the decoder layers of a step whose every token is a decode row, in one call",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("params"), pybind11::arg("kv_caches"),
+        pybind11::arg("positions"), pybind11::arg("cos_sin"), pybind11::arg("slots"), pybind11::arg("block_tables"),
+        pybind11::arg("seq_lens"), pybind11::arg("heads"), pybind11::arg("kv_heads"), pybind11::arg("eps"),
+        pybind11::arg("scale"), pybind11::arg("window"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include "common.h"
+#include "kernels.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -110,6 +111,8 @@ void small_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, i
 
 }  // namespace
 
+namespace fnllm_cpu {
+
 torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   fnllm_cpu::check(x, "small_linear: x"), fnllm_cpu::check(w, "small_linear: w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x [M, K] and w [N, K] needed, got ",
@@ -125,3 +128,5 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   });
   return y;
 }
+
+}  // namespace fnllm_cpu
