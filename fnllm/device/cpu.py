@@ -99,6 +99,11 @@ class TorchMeta:
     prefills: list[PrefillMeta] = field(default_factory=list)
     positions: torch.Tensor | None = None  # int64 [T] (the fused backend rotates by position)
 
+    @property
+    def all_decode(self) -> bool:
+        """Every token is a decode row, all in one decode pass (``token_idx`` None), no prompt chunk."""
+        return len(self.decodes) == 1 and self.decodes[0].token_idx is None
+
 
 class TorchBackend:
     name = "torch"
@@ -251,7 +256,7 @@ class TorchBackend:
         """q [T, H, d], k/v [T, KVH, d]; returns [T, H * d]."""
         t, d = meta.num_tokens, self.head_dim
         self._write_kv(k, v, kv_cache, meta.slot_mapping)
-        if len(meta.decodes) == 1 and meta.decodes[0].token_idx is None:
+        if meta.all_decode:
             return self._decode(q, kv_cache, meta.decodes[0]).reshape(t, -1)
         out = q.new_empty((t, self.num_heads, d))
         for dec in meta.decodes:

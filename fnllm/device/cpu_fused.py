@@ -113,15 +113,13 @@ class FusedCpuBackend(TorchBackend):
         plain weights (batch-1 decode): all layers in one kernel call
         (``csrc/decode_layers.cpp``), the same kernels in the same order as
         the layer-by-layer path, so the same values; None for any other step."""
-        if meta.prefills or len(meta.decodes) != 1 or meta.decodes[0].token_idx is not None \
-                or not self._streams(meta.num_tokens):
+        if not meta.all_decode or not self._streams(meta.num_tokens):
             return None
         d = meta.decodes[0]
         params = [p for layer in layers for p in layer.decode_params()]
-        x, residual = self.k.decode_layers(x.contiguous(), residual, params, kv_caches, meta.positions, self._cos_sin,
-                                           meta.slot_mapping, d.block_tables, d.seq_lens, self.num_heads,
-                                           self.num_kv_heads, layers[0].cfg.rms_norm_eps, self.scale, self._window)
-        return x, residual
+        return self.k.decode_layers(x.contiguous(), residual, params, kv_caches, meta.positions, self._cos_sin,
+                                    meta.slot_mapping, d.block_tables, d.seq_lens, self.num_heads, self.num_kv_heads,
+                                    layers[0].cfg.rms_norm_eps, self.scale, self._window)  # [x, residual]
 
     def prepare(self, batch: HostBatch, cos_sin_cache: torch.Tensor) -> TorchMeta:
         if self._cos_sin is None:
