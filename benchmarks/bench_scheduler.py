@@ -3,7 +3,10 @@
 N running decode sequences (N = 64, 256, 1024; block size 16 and 128; a
 pool of 100,000 blocks), each fed a synthetic sampled token per step. The
 churn variant gives requests 16 output tokens and replaces each finished one
-with a new request (``add_request`` is timed too). The window variant runs
+with a new request (``add_request`` is timed too). The steady variant is a
+server's usual step: the N rows end one per step (output lengths 1..N, then N
+for each newcomer), and each step admits the request that replaced the last
+one to end next to N-1 decoding rows. The window variant runs
 the decode case with a sliding window of 64 positions (each row releases a
 block every 16 steps), next to the plain decode in the same run. Prints
 JSON; the target is <= 150 µs per step at 256 sequences (decode, block size 16).
@@ -41,16 +44,17 @@ def fake_output(plan, step: int) -> StepOutput:
     return StepOutput(sampled=tuple(((step + i) % 30000 + 100,) * n for i, n in enumerate(plan.num_samples)))
 
 
-def measure(n: int, bs: int, steps: int, churn: bool, window: int | None = None) -> float:
+def measure(n: int, bs: int, steps: int, churn: bool, window: int | None = None, steady: bool = False) -> float:
     cfg = config(n, bs, window)
-    max_tokens = 16 if churn else 4000
+    max_tokens = 16 if churn else n if steady else 4000
+    churn = churn or steady
     state = initial_state(cfg)
     for k in range(n):
-        state = add_request(state, request(k, max_tokens), cfg)
+        state = add_request(state, request(k, k + 1 if steady else max_tokens), cfg)
     state, plan = schedule(state, cfg)  # prefill everything
     state, _ = commit(state, plan, fake_output(plan, 0), cfg)
     # the requests that churn in, built ahead (constructing them is the caller's cost, not the core's)
-    spares = iter([request(k, max_tokens) for k in range(n, n + n * (steps // 16 + 2))] if churn else ())
+    spares = iter([request(k, max_tokens) for k in range(n, n + n * (steps // 16 + 2) + steps)] if churn else ())
     gc.collect()
     gc.freeze()  # the set-up's objects are long-lived, as after an engine's warm-up (vLLM freezes them too)
     spent = 0.0  # only the core's time: the synthetic device output is not counted
@@ -77,6 +81,10 @@ def main() -> None:
     for n in (64, 256, 1024):
         steps = max(20, 20000 // n)
         out["churn"][f"bs16_n{n}"] = round(min(measure(n, 16, steps, True) for _ in range(3)), 1)
+    out["steady"] = {}
+    for n in (64, 256, 1024):
+        steps = max(20, 20000 // n)
+        out["steady"][f"bs16_n{n}"] = round(min(measure(n, 16, steps, False, steady=True) for _ in range(3)), 1)
     out["window64_decode"] = {}
     for n in (256, 1024):
         steps = max(20, 20000 // n)

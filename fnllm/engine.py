@@ -60,6 +60,7 @@ class _Track:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, tokenizer):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.tokenizer = tokenizer
+        self.final_only = params.output_kind == RequestOutputKind.FINAL_ONLY  # read per token
         self.completions: dict[int, CompletionOutput] = {}
         self.num_cached_tokens: int | None = None
         self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative decoding
@@ -474,7 +475,7 @@ class LLMEngine:
             track = self._tracks[rid]
             track.num_draft_tokens += drafted
             track.num_accepted_tokens += accepted
-        tracks, final_only = self._tracks, RequestOutputKind.FINAL_ONLY
+        tracks = self._tracks
         for rid, idx, tok, why, stop, lp in zip(
             news.request_ids, news.indexes, news.token_ids, news.finish_reasons, news.stop_reasons,
             news.logprobs if news.logprobs is not None else repeat(None),
@@ -491,7 +492,7 @@ class LLMEngine:
                 hit = None
             else:
                 hit = track.add_token(idx, tok, lp)
-            if why is None and hit is None and track.params.output_kind == final_only:
+            if why is None and hit is None and track.final_only:
                 continue
             touched[rid] = None
             if hit is not None:
@@ -511,6 +512,6 @@ class LLMEngine:
         finished = rid not in self.state.requests
         if finished:
             del self._tracks[rid]
-        elif track.params.output_kind == RequestOutputKind.FINAL_ONLY:
+        elif track.final_only:
             return None
         return track.output(finished)

@@ -33,6 +33,9 @@ the copy listed in ``plan.copies``). A plan with no rows says why in
 
 Hot path: a decode row (one token to compute, whose tail block is private)
 is planned inline without allocation unless it crosses a block boundary.
+When every running row decodes, they are planned column-wise: by
+``_all_decode`` when nothing waits, else by ``_Step._decode_every_row``
+before admission (a server's usual step); both agree with the row loop.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class _Step:
         self.cols = {c: list(getattr(run, c)) for c in COLUMNS}
         self.live = [True] * len(run)
         self.rows: dict[int, tuple] = {}
+        # (token_ids, positions, rows completing a block) of rows 0..n-1 when every
+        # running row decodes, planned column-wise (not in rows)
+        self.decoded: tuple[tuple, tuple, list[int]] | None = None
         self.preempted: list[Seq] = []
         self.idle_reason = ""
         self.drafts: dict[int, int] = {}  # row -> draft tokens (speculative decoding)
@@ -146,6 +152,8 @@ class _Step:
         ref = edit.ref
         if self.window:
             punch_all(edit, ncs, tables, self.window)
+        elif self.config.speculative is None and self._decode_every_row():
+            return
         for i in range(len(self.live)):
             if self.budget <= 0:
                 break
@@ -167,6 +175,28 @@ class _Step:
                     rows[i] = ((outs[i][0],), nc, 1, ())
                     continue
             self._schedule_row(i)
+
+    def _decode_every_row(self) -> bool:
+        """Plan every running row's decode token column-wise (``decoded``), when
+        the loop of :meth:`schedule_running` would plan just that (every row
+        decodes, the budget and the free blocks cover them all, no drafts
+        follow); False, and nothing done, otherwise."""
+        run, edit, bs = self.state.running, self.edit, self.bs
+        n = len(run)
+        if not n or self.budget < n or not _every_row_decodes(run, edit.pool, bs):
+            return False
+        ncs = run.num_computed
+        rem = list(map(mod, ncs, repeat(bs)))
+        boundary = list(compress(range(n), map(not_, rem))) if 0 in rem else ()
+        if len(boundary) > edit.num_free:
+            return False
+        tables = self.cols["tables"]
+        for i in boundary:  # in row order, as the loop takes them
+            tables[i] = tables[i] + (edit.take(),)
+        self.cols["num_computed"] = list(map(add, ncs, repeat(1)))
+        self.budget -= n
+        self.decoded = (tuple(map(one_token, map(_head, run.outputs))), ncs, decode_crossing(rem, bs))
+        return True
 
     def _schedule_row(self, i: int) -> None:
         """The general case: a prompt chunk, or a row that needs room or a copy."""
@@ -271,7 +301,8 @@ class _Step:
         for h in host_hits:  # pinned before allocating: an offload must not evict them
             edit.host.incref(h)
         fresh = edit.allocate(need)
-        edit.move_host_hits(host_hits, fresh, seq.hashes[holes + len(hits) :])
+        if host_hits:
+            edit.move_host_hits(host_hits, fresh, seq.hashes[holes + len(hits) :])
         self._add_row(seq, req, nc, total, new, (HOLE,) * holes + tuple(hits + fresh))
         return True
 
@@ -304,6 +335,8 @@ class _Step:
         running = running_from(c, live, state.running)
         waiting = insert_waiting(self.requests, state.waiting[n_admitted:], self.preempted, self.policy)
         plan = self._build_plan(running)
+        if self.decoded is not None:
+            self._note_crossing(plan)
         new_state = _replace_state(
             state, pool=self.edit.finish(), running=running, waiting=waiting, step=state.step + 1,
             num_preemptions=state.num_preemptions + len(self.preempted),
@@ -312,6 +345,16 @@ class _Step:
         )
         return new_state, plan
 
+    def _note_crossing(self, plan: BatchPlan) -> None:
+        """Note for commit the plan rows that complete a block: the column-wise
+        decode rows' (known), then the admitted rows'."""
+        bs, rows = self.bs, list(self.decoded[2])
+        for r in range(len(self.decoded[0]), len(plan)):
+            p = plan.positions[r]
+            if (p + len(plan.token_ids[r])) // bs != p // bs:
+                rows.append(r)
+        note_crossing(plan, bs, rows)
+
     def _build_plan(self, running: Running) -> BatchPlan:
         """The plan of the rows planned this step, in row order. When every
         row left running was planned (the usual step), the plan's row
@@ -319,18 +362,25 @@ class _Step:
         c, rows = self.cols, self.rows
         order = list(rows)
         plan_rows = list(rows.values())
+        token_ids, positions, num_samples, copies = zip(*plan_rows) if plan_rows else ((), (), (), ())
+        planned = len(order)
+        if self.decoded is not None:  # rows 0..n-1 (every running row), then the admitted rows
+            n = len(self.decoded[0])
+            token_ids, positions = self.decoded[0] + token_ids, self.decoded[1] + positions
+            num_samples, planned = filled(1, n) + num_samples, planned + n
         reason = ""
-        if not plan_rows:
+        if not planned:
             reason = self.idle_reason or ("no requests" if not self.state.requests else "nothing schedulable")
-        if len(order) == len(running):  # planned rows are live rows in increasing order: all of them
+        tr = None  # the sampling column's traits, when it is running's (memoized): skip what no row needs
+        if planned == len(running):  # planned rows are live rows in increasing order: all of them
             seq_ids, request_ids, tables, indexes = running.seq_ids, running.request_ids, running.tables, running.indexes
             sampling, outputs, num_output = running.sampling, running.outputs, running.num_output
+            tr = traits(sampling)
         else:
             seq_ids, request_ids, tables, indexes, sampling, outputs, num_output = (
                 tuple(map(c[k].__getitem__, order))
                 for k in ("seq_ids", "request_ids", "tables", "indexes", "sampling", "outputs", "num_output")
             )
-        token_ids, positions, num_samples, copies = zip(*plan_rows) if plan_rows else ((), (), (), ())
         return BatchPlan(
             step=self.state.step,
             seq_ids=seq_ids,
@@ -347,19 +397,21 @@ class _Step:
             swap_in=tuple(self.edit.swaps_in),
             idle_reason=reason,
             num_draft_tokens=tuple([self.drafts.get(i, 0) for i in order]) if self.drafts else (),
-            guided_outputs=guided_outputs(sampling, outputs, num_output),
-            history=_history(self.requests, sampling, num_samples, outputs, num_output, request_ids),
-            prompt_targets=self._prompt_targets(sampling, num_output, request_ids, plan_rows),
+            guided_outputs=guided_outputs(sampling, outputs, num_output) if tr is None or tr.guided else (),
+            history=_history(self.requests, sampling, num_samples, outputs, num_output, request_ids)
+            if tr is None or tr.history else (),
+            prompt_targets=self._prompt_targets(sampling, num_output, request_ids, token_ids, positions),
         )
 
-    def _prompt_targets(self, sampling: tuple, num_output: tuple, request_ids: tuple, plan_rows: list[tuple]) -> tuple:
+    def _prompt_targets(self, sampling: tuple, num_output: tuple, request_ids: tuple, token_ids: tuple,
+                        positions: tuple) -> tuple:
         """Per row, the prompt tokens whose logprobs its chunk predicts (requests
         with ``prompt_logprobs``, before their first output); () when none."""
         wanted = list(map(_PROMPT_LOGPROBS, sampling))
         if wanted.count(None) == len(wanted) or not any(w is not None and not k for w, k in zip(wanted, num_output)):
             return ()
         out = []
-        for want, nout, rid, (toks, pos, _, _) in zip(wanted, num_output, request_ids, plan_rows):
+        for want, nout, rid, toks, pos in zip(wanted, num_output, request_ids, token_ids, positions):
             prompt = self.requests[rid].prompt_token_ids
             if want is None or nout or pos + 1 >= len(prompt):
                 out.append(())
@@ -426,6 +478,18 @@ def host_cache_on(config: EngineConfig) -> bool:
     return config.cache.enable_prefix_caching and config.cache.num_host_blocks > 0
 
 
+def _every_row_decodes(run: Running, pool, bs: int) -> bool:
+    """Every running row has one token to compute (its newest output) and
+    owns its tail block unless that block is full (only a fork's rows, n > 1,
+    can share a partial tail)."""
+    ncs = run.num_computed
+    if not decode_ready(run) and (list(map(sub, run.num_tokens, ncs)).count(1) != len(run) or 0 in run.num_output):
+        return False
+    return traits(run.sampling).max_n == 1 or not any(
+        [sp.n > 1 and c % bs and pool.ref[t[-1]] > 1 for sp, c, t in zip(run.sampling, ncs, run.tables)]
+    )
+
+
 def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, BatchPlan] | None:
     """Column-wise plan for the common step: nothing waiting, every running row
     decodes one token within budget and blocks, no tail block shared. None
@@ -437,14 +501,9 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
     n = len(run)
     if not n or state.waiting or n > config.scheduler.max_num_batched_tokens:
         return None
-    ncs = run.num_computed
-    if not decode_ready(run) and (list(map(sub, run.num_tokens, ncs)).count(1) != n or 0 in run.num_output):
+    if not _every_row_decodes(run, state.pool, bs):
         return None
-    pool, tr = state.pool, traits(run.sampling)
-    if tr.max_n > 1 and any(
-        [sp.n > 1 and c % bs and pool.ref[t[-1]] > 1 for sp, c, t in zip(run.sampling, ncs, run.tables)]
-    ):
-        return None
+    pool, ncs, tr = state.pool, run.num_computed, traits(run.sampling)
     rem = list(map(mod, ncs, repeat(bs)))
     tables = run.tables
     swap_out = ()

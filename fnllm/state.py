@@ -497,6 +497,9 @@ def running_from(cols: dict, live: list, old: Running) -> Running:
         return Running(*[getattr(old, k) if k in _ROW_COLUMNS else tuple(cols[k]) for k in COLUMNS])
     if every:
         new = Running(*[tuple(cols[k]) for k in COLUMNS])
+    elif live.count(False) == 1:  # one row ends (the usual step that ends any): two slices per column
+        i = live.index(False)
+        new = Running(*[tuple(cols[k][:i]) + tuple(cols[k][i + 1 :]) for k in COLUMNS])
     else:
         new = Running(*[tuple(compress(cols[k], live)) for k in COLUMNS])
     note_traits_after(old.sampling, new.sampling, live)

@@ -122,6 +122,32 @@ def test_decode_fast_path_agrees_with_general_path_under_arrivals(config, work):
 
 @given(
     config=engine_configs(),
+    work=st.lists(st.tuples(prompts(), sampling_params(), st.integers(0, 8)), min_size=2, max_size=6),
+)
+def test_column_wise_decode_rows_agree_with_the_row_loop(config, work):
+    """Requests arriving while others decode: where the general path plans
+    every running row's decode column-wise, the row-by-row loop plans the same."""
+    from fnllm.schedule import _Step, schedule_general
+
+    run, taken = Run(config), 0
+    for step in range(12):
+        for i, (p, sp, at) in enumerate(work):
+            if at == step:
+                run.add(Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp))
+        fast = schedule_general(run.state, config)
+        column = _Step._decode_every_row
+        _Step._decode_every_row = lambda self: False
+        try:
+            slow = schedule_general(run.state, config)
+        finally:
+            _Step._decode_every_row = column
+        assert fast[1] == slow[1]
+        assert snapshot(fast[0]) == snapshot(slow[0])
+        run.step()
+
+
+@given(
+    config=engine_configs(),
     work=st.lists(st.tuples(prompts(), sampling_params()), min_size=1, max_size=5),
     steps=st.integers(1, 12),
 )
