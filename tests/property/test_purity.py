@@ -129,7 +129,7 @@ def test_column_wise_decode_rows_agree_with_the_row_loop(config, work):
     every running row's decode column-wise, the row-by-row loop plans the same."""
     from fnllm.schedule import _Step, schedule_general
 
-    run, taken = Run(config), 0
+    run = Run(config)
     for step in range(12):
         for i, (p, sp, at) in enumerate(work):
             if at == step:
