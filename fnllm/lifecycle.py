@@ -160,14 +160,11 @@ def add_request(state: EngineState, request: Request, config: EngineConfig) -> E
     req = _admitted(request, arrival=state.next_arrival, block_hashes=hashes)
     seq = Seq(seq_id=state.next_seq_id, request_id=req.request_id, hashes=hashes)
     requests = state.requests.set(req.request_id, req)
-    policy = config.scheduler.policy
-    # FCFS: the newest arrival goes last, no search (every queued request arrived before it)
-    waiting = state.waiting + (seq,) if policy == "fcfs" else insert_waiting(requests, state.waiting, [seq], policy)
     return _replace_state(
         state,
         requests=requests,
         alive=state.alive.set(req.request_id, 1),
-        waiting=waiting,
+        waiting=insert_waiting(requests, state.waiting, [seq], config.scheduler.policy),
         next_seq_id=state.next_seq_id + 1,
         next_arrival=state.next_arrival + 1,
     )

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from itertools import chain, compress, repeat
 from operator import add, attrgetter, itemgetter, mod, not_, sub
+from typing import Sequence
 
 from fnllm.blocks import PoolEdit, first_window_block
 from fnllm.config import EngineConfig
@@ -186,16 +187,13 @@ class _Step:
         if not n or self.budget < n or not _every_row_decodes(run, edit.pool, bs):
             return False
         ncs = run.num_computed
-        rem = list(map(mod, ncs, repeat(bs)))
-        boundary = list(compress(range(n), map(not_, rem))) if 0 in rem else ()
+        rem, boundary = _decode_blocks(ncs, bs)
         if len(boundary) > edit.num_free:
             return False
-        tables = self.cols["tables"]
-        for i in boundary:  # in row order, as the loop takes them
-            tables[i] = tables[i] + (edit.take(),)
+        _grow_tables(edit, self.cols["tables"], boundary)
         self.cols["num_computed"] = list(map(add, ncs, repeat(1)))
         self.budget -= n
-        self.decoded = (tuple(map(one_token, map(_head, run.outputs))), ncs, decode_crossing(rem, bs))
+        self.decoded = (_decode_tokens(run.outputs), ncs, decode_crossing(rem, bs))
         return True
 
     def _schedule_row(self, i: int) -> None:
@@ -490,6 +488,25 @@ def _every_row_decodes(run: Running, pool, bs: int) -> bool:
     )
 
 
+def _decode_blocks(ncs: tuple[int, ...], bs: int) -> tuple[list[int], Sequence[int]]:
+    """For decode rows whose token is at positions ``ncs``: each position
+    modulo ``bs``, and the rows whose token starts a new block (they need one)."""
+    rem = list(map(mod, ncs, repeat(bs)))
+    return rem, (list(compress(range(len(rem)), map(not_, rem))) if 0 in rem else ())
+
+
+def _grow_tables(edit: PoolEdit, tables: list, rows: Sequence[int]) -> None:
+    """A fresh block at the end of each of ``rows``' tables, taken in row order
+    (as the row loop takes them)."""
+    for i in rows:
+        tables[i] = tables[i] + (edit.take(),)
+
+
+def _decode_tokens(outputs: tuple) -> tuple:
+    """Each decode row's one token to compute: its newest output."""
+    return tuple(map(one_token, map(_head, outputs)))
+
+
 def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, BatchPlan] | None:
     """Column-wise plan for the common step: nothing waiting, every running row
     decodes one token within budget and blocks, no tail block shared. None
@@ -504,10 +521,9 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
     if not _every_row_decodes(run, state.pool, bs):
         return None
     pool, ncs, tr = state.pool, run.num_computed, traits(run.sampling)
-    rem = list(map(mod, ncs, repeat(bs)))
+    rem, boundary = _decode_blocks(ncs, bs)
     tables = run.tables
     swap_out = ()
-    boundary = list(compress(range(n), map(not_, rem))) if 0 in rem else ()
     window = config.cache.sliding_window
     # a row has blocks to release when the block before its first window block is not yet a hole
     punching = window and any([c - window + 1 >= bs and t[(c - window + 1) // bs - 1] != HOLE
@@ -519,8 +535,7 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
             punch_all(edit, list(ncs), tables, window)
         if len(boundary) > edit.num_free:
             return None
-        for i in boundary:
-            tables[i] = tables[i] + (edit.take(),)
+        _grow_tables(edit, tables, boundary)
         tables = tuple(tables)
         swap_out = tuple(edit.swaps_out)
         pool = edit.finish()
@@ -529,7 +544,7 @@ def _all_decode(state: EngineState, config: EngineConfig) -> tuple[EngineState, 
         step=state.step,
         seq_ids=run.seq_ids,
         request_ids=run.request_ids,
-        token_ids=tuple(map(one_token, map(_head, run.outputs))),
+        token_ids=_decode_tokens(run.outputs),
         positions=ncs,
         block_tables=tables,
         num_samples=filled(1, n),
