@@ -33,9 +33,10 @@ Each figure is the median over ``--repeats`` runs (fresh prompts each time).
 Also reported: peak resident memory (``ru_maxrss``) after fnllm's part (before
 transformers is loaded) and at the end, and the KV cache budget: configured
 bytes, bytes of the allocated KV tensors, blocks in the pool, and the peak
-number of blocks held by live sequences.
+number of blocks held by live sequences. ``--breakdown`` adds, after the
+timed runs, where a decode step's time goes (``latency_parts.py``).
 
-    python benchmarks/bench_latency.py [--dtype bfloat16|float32] [--prompt-len 256] [--tokens 64]
+    python benchmarks/bench_latency.py [--dtype bfloat16|float32] [--prompt-len 256] [--tokens 64] [--breakdown]
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ def run_fnllm(path, args, prompts) -> dict:
             # each step against the bandwidth the probes on either side of it saw
             paired.extend(t * (a + b) / 2 for t, a, b in zip(steps, probes, probes[1:]))
             probe_bw.extend(probes)
+    parts = None
+    if args.breakdown:  # after the timed runs, with timers around the executor's parts
+        from latency_parts import step_parts, weights_alone
+
+        parts = {**step_parts(engine, prompts_for(2, args.prompt_len, ex.vocab_size, seed=7), args.tokens, params),
+                 **weights_alone(ex)}
     kv_bytes = sum(c.numel() * c.element_size() for c in ex.kv_caches)
     element = torch.empty((), dtype=ex.dtype).element_size()
     per_token = bytes_per_token(ex.config, element, args.prompt_len + args.tokens / 2)
@@ -106,6 +113,7 @@ def run_fnllm(path, args, prompts) -> dict:
         "ttft_ms_all": [round(x * 1e3, 1) for x in ttft],
         "tpot_ms_all": [round(x * 1e3, 2) for x in tpot],
         "peak_rss_mib": peak_rss_mib(),
+        **({"step_parts_ms": parts} if parts else {}),
         "kv_cache": {
             "configured_bytes": args.kv_memory,
             "allocated_bytes": kv_bytes,
@@ -197,6 +205,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kv-memory", type=int, default=256 << 20)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="then where a decode step's time goes, and the weights streamed alone (latency_parts.py)")
     ap.add_argument("--reference", default="dense", choices=("dense", "gguf"),
                     help="transformers' weights: dense dequantized tensors in --dtype (default) or GGUF-packed")
     args = ap.parse_args()
