@@ -13,8 +13,8 @@ Per timed decode step, medians over the steps, in ms:
 
 Then, in the same run, the memory-bound part on its own: the layers' linear
 weights and the lm_head streamed through the backend's ``linear`` back to
-back with one row (``linears_alone``, ``lm_head_alone``, medians over
-``passes`` sweeps) and their bytes, so ``layers - linears_alone`` is what the
+back with one row, from cold caches (``linears_alone``, ``lm_head_alone``,
+medians over ``passes`` sweeps) and their bytes, so ``layers - linears_alone`` is what the
 layers spend beyond reading their weights (attention, norms, rope, KV writes,
 and the caches those find cold after the weight stream).
 Timers wrap the instance's methods for this phase only; they are removed after.
