@@ -34,6 +34,7 @@ PARTS = ("step", "engine_rest", "execute_rest", "forward_rest", "layers")
 @contextmanager
 def _timed(obj, name: str, spent: dict):
     """``obj.name`` adds its wall time to ``spent[name]`` while inside."""
+    own = vars(obj).get(name)  # an instance attribute of that name, put back after
     inner = getattr(obj, name)
 
     def timed(*a, **kw):
@@ -47,7 +48,10 @@ def _timed(obj, name: str, spent: dict):
     try:
         yield
     finally:
-        delattr(obj, name)  # the class's method shows through again
+        if own is None:
+            delattr(obj, name)  # the class's method shows through again
+        else:
+            setattr(obj, name, own)
 
 
 def step_parts(engine, prompts, tokens: int, params) -> dict:
@@ -75,8 +79,7 @@ def step_parts(engine, prompts, tokens: int, params) -> dict:
 def weights_alone(ex, passes: int = 15) -> dict:
     """The layers' linear weights, then the lm_head, each streamed through the
     backend's one-row ``linear``: medians over ``passes`` (ms) and bytes."""
-    model = ex.model
-    layer_ws = [getattr(layer, n) for layer in model.layers for n in type(layer).LINEARS]
+    *layer_ws, lm_head = ex.model.linear_weights()  # the layers' projections, then the lm_head
 
     evict = torch.rand(64 << 20, dtype=torch.bfloat16)  # 128 MiB, read before each sweep: no weight starts in cache
 
@@ -88,7 +91,7 @@ def weights_alone(ex, passes: int = 15) -> dict:
         return time.perf_counter() - t
 
     out = {}
-    for name, ws in (("linears_alone", layer_ws), ("lm_head_alone", [model.lm_head])):
+    for name, ws in (("linears_alone", layer_ws), ("lm_head_alone", [lm_head])):
         out[name] = round(statistics.median(sweep(ws) for _ in range(passes)) * 1e3, 3)
         out[name.replace("alone", "bytes")] = sum(w.nbytes for w in ws)
     return out

@@ -346,12 +346,8 @@ class _Step:
     def _note_crossing(self, plan: BatchPlan) -> None:
         """Note for commit the plan rows that complete a block: the column-wise
         decode rows' (known), then the admitted rows'."""
-        bs, rows = self.bs, list(self.decoded[2])
-        for r in range(len(self.decoded[0]), len(plan)):
-            p = plan.positions[r]
-            if (p + len(plan.token_ids[r])) // bs != p // bs:
-                rows.append(r)
-        note_crossing(plan, bs, rows)
+        admitted = chunk_crossing(plan.positions, plan.token_ids, self.bs, len(self.decoded[0]))
+        note_crossing(plan, self.bs, self.decoded[2] + admitted)
 
     def _build_plan(self, running: Running) -> BatchPlan:
         """The plan of the rows planned this step, in row order. When every
@@ -469,6 +465,12 @@ def decode_crossing(rem: list[int], bs: int) -> list[int]:
     """The decode rows (one token each; ``rem``: their positions modulo
     ``bs``) whose token completes a block."""
     return [r for r, x in enumerate(rem) if x == bs - 1] if bs - 1 in rem else []
+
+
+def chunk_crossing(positions: Sequence[int], token_ids: Sequence[tuple], bs: int, start: int = 0) -> list[int]:
+    """The rows from ``start`` on whose new tokens (``token_ids[r]`` from
+    position ``positions[r]``) complete at least one block."""
+    return [r for r in range(start, len(positions)) if (positions[r] + len(token_ids[r])) // bs != positions[r] // bs]
 
 
 def host_cache_on(config: EngineConfig) -> bool:

@@ -21,7 +21,7 @@ from fnllm.blocks import PoolEdit, hash_block
 from fnllm.config import EngineConfig
 from fnllm.derived import filled, known_crossing, length_margin, note_decode_ready, note_length_margin, traits
 from fnllm.replace import replacer
-from fnllm.schedule import decode_crossing, schedule
+from fnllm.schedule import chunk_crossing, decode_crossing, schedule
 from fnllm.spec import expected_samples, num_accepted
 from fnllm.state import (
     COLUMNS, HOLE, BatchPlan, EngineState, Executor, InvariantError, Outputs, Running, StepOutput, running_from,
@@ -344,7 +344,7 @@ def _crossing(plan: BatchPlan, bs: int) -> list[int]:
     lens = list(map(len, plan.token_ids))
     if lens.count(1) == len(lens):  # all decode rows: those whose position ends a block
         return decode_crossing(list(map(mod, plan.positions, repeat(bs))), bs)
-    return [r for r, (p, k) in enumerate(zip(plan.positions, lens)) if (p + k) // bs != p // bs]
+    return chunk_crossing(plan.positions, plan.token_ids, bs)
 
 
 def commit(
