@@ -33,7 +33,9 @@ Each figure is the median over ``--repeats`` runs (fresh prompts each time).
 Also reported: peak resident memory (``ru_maxrss``) after fnllm's part (before
 transformers is loaded) and at the end, and the KV cache budget: configured
 bytes, bytes of the allocated KV tensors, blocks in the pool, and the peak
-number of blocks held by live sequences. ``--breakdown`` adds, after the
+number of blocks held by live sequences, and the weight bytes the executor
+moved into 2 MiB pages (``FNLLM_HUGE_PAGES=0``: none, for an A/B) next to the
+process's ``AnonHugePages``. ``--breakdown`` adds, after the
 timed runs, where a decode step's time goes (``latency_parts.py``).
 
     python benchmarks/bench_latency.py [--dtype bfloat16|float32] [--prompt-len 256] [--tokens 64] [--breakdown]
@@ -54,6 +56,16 @@ import torch
 
 def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def anon_huge_pages_mib() -> float | None:
+    """This process's memory in transparent huge pages (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+    except (OSError, StopIteration):
+        return None
+    return round(kib / 1024, 1)
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -113,6 +125,10 @@ def run_fnllm(path, args, prompts) -> dict:
         "ttft_ms_all": [round(x * 1e3, 1) for x in ttft],
         "tpot_ms_all": [round(x * 1e3, 2) for x in tpot],
         "peak_rss_mib": peak_rss_mib(),
+        "huge_pages": {  # FNLLM_HUGE_PAGES=0 turns the move off (fnllm.device.huge_pages)
+            "weight_bytes_moved": ex.weight_bytes_in_huge_pages,
+            "process_anon_huge_pages_mib": anon_huge_pages_mib(),
+        },
         **({"step_parts_ms": parts} if parts else {}),
         "kv_cache": {
             "configured_bytes": args.kv_memory,

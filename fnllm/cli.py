@@ -268,26 +268,30 @@ def _stream(llm, prompt, sp) -> int:
     return 0
 
 
+ONE_SHOT_ENV = {
+    "FNLLM_PACK_LINEAR": "lazy",  # each weight packed for oneDNN when a step first needs it (the same numbers)
+    "FNLLM_HUGE_PAGES": "0",  # no 2 MiB pages for the weights: their first touch costs more than a short run saves
+}
+
+
 @contextlib.contextmanager
-def _lazy_packing():
-    """While the LLM is built: a one-shot run packs each weight for oneDNN only
-    when a step first needs it (the same numbers; a run of short steps never
-    pays it). ``FNLLM_PACK_LINEAR`` set by the user wins; the process's
-    environment is restored afterwards."""
-    if "FNLLM_PACK_LINEAR" in os.environ:
-        yield
-        return
-    os.environ["FNLLM_PACK_LINEAR"] = "lazy"
+def _one_shot_env():
+    """While the LLM is built: a one-shot run sets :data:`ONE_SHOT_ENV` (what a
+    run of a few short steps should not pay). A variable the user set wins;
+    the process's environment is restored afterwards."""
+    mine = [k for k in ONE_SHOT_ENV if k not in os.environ]
+    os.environ.update({k: ONE_SHOT_ENV[k] for k in mine})
     try:
         yield
     finally:
-        os.environ.pop("FNLLM_PACK_LINEAR", None)
+        for k in mine:
+            os.environ.pop(k, None)
 
 
 def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give a prompt or --prompts-file (one of the two)")
-    with _lazy_packing(), _make_llm(args) as llm:
+    with _one_shot_env(), _make_llm(args) as llm:
         return _generate(llm, args)
 
 

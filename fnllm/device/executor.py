@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from itertools import chain
 
 import numpy as np
 import torch
 
 from fnllm.device.attention import get_attn_backend, resolve_device
 from fnllm.device.batch import HostBatch, build_host_batch, prompt_logprob_indices
+from fnllm.device.huge_pages import move_to_huge_pages
 from fnllm.device.kv_memory import populate, zeros_lazy
 from fnllm.device.kv_tiers import HostKV, host_blocks_for_memory
 from fnllm.device.penalties import CountMemo
@@ -99,7 +101,9 @@ class ModelExecutor(ModelFacts):
         self.batch_invariant = batch_invariant
         self.backend = get_attn_backend(self.device, attn_backend, cfg=local, block_size=block_size, dtype=self.dtype,
                                         batch_invariant=batch_invariant)
-        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups)
+        self.weight_bytes_in_huge_pages = 0
+        self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups,
+                                   place=self._place_weights)
         if self.backend.packs_linears:
             if self.backend.keeps_row_major(self.model.linear_bytes()):  # the model keeps its plain weights
                 lazy = os.environ.get("FNLLM_PACK_LINEAR") == "lazy"
@@ -114,6 +118,14 @@ class ModelExecutor(ModelFacts):
         self.num_host_blocks = num_host_blocks
         self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
         self._counts = CountMemo()  # penalties' token counts, derived from plan data only
+
+    def _place_weights(self, model) -> None:
+        """Before the checkpoint fills them, on CPU: the weights into 2 MiB pages
+        (:mod:`fnllm.device.huge_pages`; a decode step streams them all), unless the
+        backend is to replace the linears by packed copies."""
+        repacked = self.backend.packs_linears and not self.backend.keeps_row_major(model.linear_bytes())
+        if self.device.type == "cpu" and not repacked:
+            self.weight_bytes_in_huge_pages = move_to_huge_pages(chain(model.parameters(), model.buffers()))
 
     def populate_kv(self) -> bool:
         """Map the KV cache's host pages now (:func:`fnllm.device.kv_memory.populate`):

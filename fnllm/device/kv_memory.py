@@ -14,12 +14,13 @@ faults on its first requests, populates; a one-shot run does not.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import mmap
 
 import numpy as np
 import torch
+
+from fnllm.device.huge_pages import madvise_fn
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h
 CHUNK = 64 << 20  # bytes per madvise call
@@ -39,14 +40,6 @@ def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.from_numpy(raw[skip : skip + nbytes]).view(dtype).view(shape)
 
 
-def _madvise():
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def populate(tensors) -> bool:
     """Map every page of these CPU tensors now (their data unchanged); False,
     nothing done, where the kernel lacks ``MADV_POPULATE_WRITE`` or a tensor
@@ -55,7 +48,7 @@ def populate(tensors) -> bool:
     if not tensors or any(t.device.type != "cpu" for t in tensors):
         return False
     try:
-        madvise = _madvise()
+        madvise = madvise_fn()
     except (OSError, AttributeError):
         return False
     page = mmap.PAGESIZE

@@ -248,12 +248,16 @@ def validate(ckpt: Checkpoint) -> None:
             raise CheckpointError(f"{ckpt.path}: missing tensor {name!r}")
 
 
-def load_model(path_or_ckpt, dtype="float32", device="cpu", shard=None, groups=None):
+def load_model(path_or_ckpt, dtype="float32", device="cpu", shard=None, groups=None, place=None):
     """Validate, allocate, fill: returns ``(model, checkpoint)``. With a
-    :class:`~fnllm.model.parallel.ShardSpec`, only that rank's part."""
+    :class:`~fnllm.model.parallel.ShardSpec`, only that rank's part. ``place``,
+    if given, is called with the allocated model before the checkpoint fills
+    it (it may move the tensors: where they are first written, they stay)."""
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else open_checkpoint(path_or_ckpt)
     cls = MODEL_CLASSES[ckpt.config.architecture]
     model = cls(ckpt.config, dtype=torch_dtype(dtype), device=device, shard=shard, groups=groups)
+    if place is not None:
+        place(model)
     expected = expected_tensors(ckpt.config)
     for name, ref in ckpt.tensors.items():
         if name in expected:
