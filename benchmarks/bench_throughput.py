@@ -65,7 +65,7 @@ def run_fnllm(path, dtype, prompts, outs, args, batch_invariant: bool = False) -
 class StepProfiler:
     """Times the parts of every engine step by wrapping functions from the
     outside (the engine and the core are not touched): ``schedule`` and
-    ``commit`` (as ``fnllm.step`` calls them), the executor's ``execute``,
+    ``commit`` (as ``fnllm.engine`` calls them), the executor's ``execute``,
     ``forward``, ``build_host_batch``, ``sample`` and ``copy_blocks``, and
     ``LLMEngine.step`` itself. The engine shell is ``LLMEngine.step`` minus
     schedule, execute and commit (output absorption, detokenization, trace
@@ -76,15 +76,15 @@ class StepProfiler:
 
     def __init__(self, llm):
         import fnllm.device.executor as exmod
-        import fnllm.step as stepmod
+        import fnllm.engine as engmod
 
         self.steps: list[dict] = []
         self.cur: dict = {}
         self._undo = []
         ex = llm.llm_engine.executor
         engine = llm.llm_engine
-        self._wrap(stepmod, "schedule", "schedule", plan_result=True)
-        self._wrap(stepmod, "commit", "commit")
+        self._wrap(engmod, "schedule", "schedule", plan_result=True)
+        self._wrap(engmod, "commit", "commit")
         self._wrap(exmod, "build_host_batch", "host_batch")
         self._wrap(exmod, "sample", "sample")
         self._wrap(ex, "execute", "execute")

@@ -72,14 +72,13 @@ def move_to_huge_pages(tensors) -> int:
     arena; return the bytes moved (0: nothing to move, or turned off)."""
     if not enabled():
         return 0
-    seen: set[int] = set()
-    todo = [t for t in tensors if _movable(t) and id(t) not in seen and not seen.add(id(t))]
+    todo = list({id(t): t for t in tensors if _movable(t)}.values())  # first occurrences, in order
+    if not todo:
+        return 0
     offsets, end = [], 0
     for t in todo:
         offsets.append(end)
         end += -(-t.nbytes // ALIGN) * ALIGN
-    if not todo:
-        return 0
     arena = huge_page_arena(end)
     with torch.no_grad():
         for t, at in zip(todo, offsets):
