@@ -4,6 +4,8 @@ checkpoint fills them, with the same logits as without."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,7 +15,8 @@ from fnllm.device.huge_pages import HUGE_PAGE, move_to_huge_pages
 from integration_support import Driver, Seq, make_plan, tokens
 
 
-def test_move_keeps_values_identity_and_packs_one_aligned_mapping():
+def test_move_keeps_values_identity_and_packs_one_aligned_mapping(monkeypatch):
+    monkeypatch.delenv("FNLLM_HUGE_PAGES", raising=False)  # on unless turned off
     g = torch.Generator().manual_seed(0)
     a = torch.randn(300, 70, generator=g)
     b = torch.randn(33, generator=g).to(torch.bfloat16)
@@ -75,8 +78,6 @@ def test_cpu_executor_moves_its_weights_before_filling_them(monkeypatch, tiny_pa
 def test_one_shot_env_sets_what_the_user_left_unset(monkeypatch):
     monkeypatch.delenv("FNLLM_PACK_LINEAR", raising=False)
     monkeypatch.setenv("FNLLM_HUGE_PAGES", "1")  # the user's choice wins
-    import os
-
     with _one_shot_env():
         assert os.environ["FNLLM_PACK_LINEAR"] == ONE_SHOT_ENV["FNLLM_PACK_LINEAR"]
         assert os.environ["FNLLM_HUGE_PAGES"] == "1"
