@@ -104,12 +104,11 @@ class ModelExecutor(ModelFacts):
         self.weight_bytes_in_huge_pages = 0
         self.model, _ = load_model(ckpt, dtype=self.dtype, device=self.device, shard=shard, groups=groups,
                                    place=self._place_weights)
-        if self.backend.packs_linears:
-            if self.backend.keeps_row_major(self.model.linear_bytes()):  # the model keeps its plain weights
-                lazy = os.environ.get("FNLLM_PACK_LINEAR") == "lazy"
-                self.backend.hold_packed(self.model.linear_weights(), lazy=lazy)
-            else:
-                self.model.repack_linears(self.backend.pack_weight)
+        if self._repacks_linears(self.model):
+            self.model.repack_linears(self.backend.pack_weight)
+        elif self.backend.packs_linears:  # the model keeps its plain weights, the backend packed copies
+            lazy = os.environ.get("FNLLM_PACK_LINEAR") == "lazy"
+            self.backend.hold_packed(self.model.linear_weights(), lazy=lazy)
         shape = (2, num_blocks, block_size, local.num_kv_heads, local.head_dim)
         self.kv_caches = [zeros_lazy(shape, self.dtype, self.device) for _ in range(local.num_layers)]
         if num_host_blocks is None:
@@ -119,12 +118,16 @@ class ModelExecutor(ModelFacts):
         self.host_kv = HostKV(num_host_blocks, self.kv_caches) if num_host_blocks else None
         self._counts = CountMemo()  # penalties' token counts, derived from plan data only
 
+    def _repacks_linears(self, model) -> bool:
+        """Whether the backend replaces the model's linears by packed copies (too
+        many bytes to keep the plain ones beside them)."""
+        return self.backend.packs_linears and not self.backend.keeps_row_major(model.linear_bytes())
+
     def _place_weights(self, model) -> None:
         """Before the checkpoint fills them, on CPU: the weights into 2 MiB pages
         (:mod:`fnllm.device.huge_pages`; a decode step streams them all), unless the
         backend is to replace the linears by packed copies."""
-        repacked = self.backend.packs_linears and not self.backend.keeps_row_major(model.linear_bytes())
-        if self.device.type == "cpu" and not repacked:
+        if self.device.type == "cpu" and not self._repacks_linears(model):
             self.weight_bytes_in_huge_pages = move_to_huge_pages(chain(model.parameters(), model.buffers()))
 
     def populate_kv(self) -> bool:
